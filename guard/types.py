@@ -1,0 +1,131 @@
+"""Plain data types shared by every layer (no protobuf, no HTTP).
+
+The server converts protobuf to these; the pipeline, upstream and rerank
+layers only ever see these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters; None means "not set" (the policy default or vLLM's applies)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    logprobs: int | None = None
+
+    def merged_over(self, defaults: Sampling) -> Sampling:
+        """Fields set here win over `defaults`."""
+        return Sampling(
+            max_tokens=self.max_tokens if self.max_tokens is not None else defaults.max_tokens,
+            temperature=self.temperature if self.temperature is not None else defaults.temperature,
+            top_p=self.top_p if self.top_p is not None else defaults.top_p,
+            seed=self.seed if self.seed is not None else defaults.seed,
+            stop=self.stop or defaults.stop,
+            n=self.n if self.n != 1 else defaults.n,
+            logprobs=self.logprobs if self.logprobs is not None else defaults.logprobs,
+        )
+
+    def with_(self, **changes: Any) -> Sampling:
+        return replace(self, **changes)
+
+
+@dataclass
+class GenerateInput:
+    """What a client asked for. Exactly one of prompt / messages is set."""
+
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    policy: str = ""
+    sampling: Sampling = field(default_factory=Sampling)
+    metadata: dict[str, str] = field(default_factory=dict)
+    include_trace: bool = False
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    text: str
+    finish_reason: str | None = None
+    # Per-token log-probabilities of the sampled tokens, when asked for.
+    token_logprobs: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One upstream response: n choices sharing one prompt."""
+
+    choices: tuple[Choice, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    upstream_url: str = ""
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """One streamed chunk. `usage` and `finish_reason` arrive on the last chunks."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    stage: Literal["input", "output"]
+    step: str
+    rule: str
+    reason: str
+
+
+@dataclass
+class TraceEntry:
+    step: str
+    type: str
+    phase: Literal["before", "after"]
+    duration_seconds: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class GenerateResult:
+    text: str
+    finish_reason: str
+    policy: str
+    policy_version: str
+    refusal: Refusal | None = None
+    usage: Usage = field(default_factory=Usage)
+    trace: list[TraceEntry] = field(default_factory=list)
+    upstream_seconds: float = 0.0
+    total_seconds: float = 0.0
+    upstream_url: str = ""
+    upstream_model: str = ""
