@@ -96,9 +96,10 @@ class StreamDelta:
 @dataclass(frozen=True)
 class Refusal:
     stage: Literal["input", "output"]
-    step: str
-    rule: str
-    reason: str
+    step: str  # name of the step that refused
+    rule: str  # rule that matched, or "" when not rule-based
+    reason: str  # for operators (trace, logs)
+    text: str  # what the client receives instead of an answer
 
 
 @dataclass

@@ -92,6 +92,12 @@ class PatternRule(Strict):
             raise ValueError(f"rule {self.name!r} has neither keywords nor regex")
         return self
 
+    def compiled(self) -> re.Pattern[str]:
+        """One case-insensitive alternation: keywords on word boundaries, regexes as written."""
+        alternatives = [rf"\b{re.escape(keyword)}\b" for keyword in self.keywords]
+        alternatives += [f"(?:{pattern})" for pattern in self.regex]
+        return re.compile("|".join(alternatives), re.IGNORECASE)
+
 
 class FilterStepBase(StepBase):
     rules: list[PatternRule] = Field(..., min_length=1, description="Pattern rules; the first match refuses.")
