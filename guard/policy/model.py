@@ -94,7 +94,9 @@ class PatternRule(Strict):
 
     def compiled(self) -> re.Pattern[str]:
         """One case-insensitive alternation: keywords on word boundaries, regexes as written."""
-        alternatives = [rf"\b{re.escape(keyword)}\b" for keyword in self.keywords]
+        # Any run of whitespace between a keyword's words still matches ("make  meth").
+        words = [re.escape(keyword).replace(r"\ ", r"\s+") for keyword in self.keywords]
+        alternatives = [rf"\b{escaped}\b" for escaped in words]
         alternatives += [f"(?:{pattern})" for pattern in self.regex]
         return re.compile("|".join(alternatives), re.IGNORECASE)
 
