@@ -1,0 +1,200 @@
+"""The `guard` command: serve, ask, health, policy check|schema, model prepare."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from guard.settings import Settings
+
+DEFAULT_TARGET = os.environ.get("GUARD_TARGET", "127.0.0.1:50051")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from guard.server.app import serve
+
+    settings = Settings.from_env(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        policies=args.policies,
+        default_policy=args.default_policy,
+        upstream=args.upstream or None,
+        model=args.model,
+        vllm_model_dir=args.vllm_model_dir,
+        vllm_max_model_len=args.vllm_max_model_len,
+        grace_seconds=args.grace,
+        log_level=args.log_level,
+    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    import grpc
+
+    from guard.client import Answer, GuardClient
+
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    conversation = [("system", args.system)] if args.system else []
+    request = prompt if args.raw else [*conversation, ("user", prompt)]
+    options = dict(
+        policy=args.policy,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        trace=args.trace,
+        timeout=args.timeout,
+    )
+    try:
+        with GuardClient(args.target) as client:
+            if args.stream:
+                answer = None
+                for event in client.stream(request, **options):
+                    if isinstance(event, Answer):
+                        answer = event
+                    else:
+                        print(event, end="", flush=True)
+                print()
+            else:
+                answer = client.generate(request, **options)
+                print(answer.text)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    assert answer is not None
+    status = "refused" if answer.refused else answer.finish_reason
+    print(
+        f"[policy {answer.policy}@{answer.policy_version} | {status} | "
+        f"tokens {answer.prompt_tokens}+{answer.completion_tokens}]",
+        file=sys.stderr,
+    )
+    if args.trace:
+        print(json.dumps(answer.trace, indent=2), file=sys.stderr)
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + args.wait
+    with grpc.insecure_channel(args.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as exc:
+                name = exc.code().name
+            if name == "SERVING" or time.monotonic() >= deadline:
+                print(name)
+                return 0 if name == "SERVING" else 1
+            time.sleep(1)
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from guard.policy.loader import load_policy_dir
+
+    result = load_policy_dir(Path(args.directory))
+    for loaded in sorted(result.policies.values(), key=lambda p: p.policy.name):
+        print(f"ok     {loaded.source}  {loaded.policy.name}@{loaded.version}  steps: {', '.join(s.type for s in loaded.policy.steps) or '-'}")
+    for error in result.errors.values():
+        print(f"error  {error}", file=sys.stderr)
+    if not result.policies and not result.errors:
+        print(f"error  {args.directory}: no *.yaml policy files", file=sys.stderr)
+        return 1
+    return 1 if result.errors else 0
+
+
+def _policy_schema(args: argparse.Namespace) -> int:
+    from guard.policy.schema import policy_json_schema
+
+    text = json.dumps(policy_json_schema(), indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _model_prepare(args: argparse.Namespace) -> int:
+    from guard.upstream.default_model import prepare_default_model
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s")
+    started = time.perf_counter()
+    path = prepare_default_model(Path(args.cache_dir) if args.cache_dir else None)
+    print(f"{path}  ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guard", description="Inference-time alignment proxy in front of vLLM.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC server (starts a local vLLM unless --upstream is given)")
+    serve.add_argument("--host", help="listen address [GUARD_HOST, 127.0.0.1]")
+    serve.add_argument("--port", type=int, help="gRPC port [GUARD_PORT, 50051]")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port, 0 = off [GUARD_METRICS_PORT, 9464]")
+    serve.add_argument("--policies", type=Path, help="policy directory, hot-reloaded [GUARD_POLICIES, ./policies]")
+    serve.add_argument("--default-policy", help="policy for requests that name none [GUARD_DEFAULT_POLICY, default]")
+    serve.add_argument(
+        "--upstream", action="append", help="vLLM base URL, repeatable [GUARD_UPSTREAM, comma-separated]; none: managed local vLLM"
+    )
+    serve.add_argument("--model", help="served model name [GUARD_MODEL; default: the upstream's first]")
+    serve.add_argument("--vllm-model-dir", help="model for the managed vLLM [GUARD_VLLM_MODEL_DIR; default: bundled Gemma 3 270M]")
+    serve.add_argument("--vllm-max-model-len", type=int, help="context length for the managed vLLM [2048]")
+    serve.add_argument("--grace", type=float, help="seconds in-flight calls get on shutdown [GUARD_GRACE_SECONDS, 10]")
+    serve.add_argument("--log-level", help="[GUARD_LOG_LEVEL, INFO]")
+    serve.set_defaults(func=_serve)
+
+    ask = commands.add_parser("ask", help="send one prompt through guard")
+    ask.add_argument("prompt", help="the prompt, or - to read stdin")
+    ask.add_argument("--target", default=DEFAULT_TARGET, help="guard address [GUARD_TARGET, 127.0.0.1:50051]")
+    ask.add_argument("--policy", default="", help="policy name (default: the server's default policy)")
+    ask.add_argument("--system", help="client system message (chat mode)")
+    ask.add_argument("--raw", action="store_true", help="send as a raw completion prompt instead of a chat message")
+    ask.add_argument("--stream", action="store_true", help="print text as it arrives")
+    ask.add_argument("--trace", action="store_true", help="print the steps applied, with timings")
+    ask.add_argument("--max-tokens", type=int)
+    ask.add_argument("--temperature", type=float)
+    ask.add_argument("--top-p", type=float)
+    ask.add_argument("--seed", type=int)
+    ask.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds [300]")
+    ask.set_defaults(func=_ask)
+
+    health = commands.add_parser("health", help="print the server's health status (exit 0 when SERVING)")
+    health.add_argument("--target", default=DEFAULT_TARGET)
+    health.add_argument("--wait", type=float, default=0.0, help="keep polling up to this many seconds until SERVING")
+    health.set_defaults(func=_health)
+
+    policy = commands.add_parser("policy", help="work with policy files offline").add_subparsers(dest="policy_command", required=True)
+    check = policy.add_parser("check", help="validate every policy in a directory (exit 1 on any error)")
+    check.add_argument("directory")
+    check.set_defaults(func=_policy_check)
+    schema = policy.add_parser("schema", help="print the JSON Schema of the policy format")
+    schema.add_argument("--output", "-o", help="write to this file instead of stdout")
+    schema.set_defaults(func=_policy_schema)
+
+    model = commands.add_parser("model", help="manage the bundled default model").add_subparsers(dest="model_command", required=True)
+    prepare = model.add_parser("prepare", help="convert the bundled Gemma 3 270M GGUF for vLLM (cached)")
+    prepare.add_argument("--cache-dir", help="[GUARD_CACHE_DIR/models/gemma-3-270m]")
+    prepare.set_defaults(func=_model_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

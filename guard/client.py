@@ -1,0 +1,165 @@
+"""A small typed Python client for guard's gRPC API.
+
+    from guard.client import GuardClient
+    with GuardClient("127.0.0.1:50051") as guard:
+        answer = guard.generate("What is the capital of France?", policy="safe-assistant")
+        print(answer.text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from guard.v1 import guard_pb2 as pb
+from guard.v1 import guard_pb2_grpc
+
+ChatInput = Sequence[tuple[str, str]] | Sequence[dict[str, str]]
+
+
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str
+    policy: str
+    policy_version: str
+    refused: bool = False
+    refusal: dict[str, str] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    trace: dict[str, Any] | None = None
+
+
+@dataclass
+class PolicySummary:
+    name: str
+    version: str
+    description: str
+    model: str
+    steps: list[str]
+
+
+def _request(
+    prompt: str | ChatInput,
+    policy: str,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    stop: Sequence[str],
+    metadata: dict[str, str] | None,
+    trace: bool,
+) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(policy=policy, include_trace=trace, metadata=metadata or {})
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        for item in prompt:
+            role, content = (item["role"], item["content"]) if isinstance(item, dict) else item
+            request.messages.messages.add(role=role, content=content)
+        # An empty conversation must still select the messages branch so the server names the field.
+        request.messages.SetInParent()
+    sampling = request.sampling
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    if temperature is not None:
+        sampling.temperature = temperature
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    sampling.stop.extend(stop)
+    return request
+
+
+def _answer(text: str, message: pb.GenerateResponse | pb.GenerateStreamResponse, with_trace: bool) -> Answer:
+    return Answer(
+        text=text,
+        finish_reason=message.finish_reason,
+        policy=message.policy,
+        policy_version=message.policy_version,
+        refused=message.refusal.refused,
+        refusal=MessageToDict(message.refusal) if message.refusal.refused else {},
+        prompt_tokens=message.usage.prompt_tokens,
+        completion_tokens=message.usage.completion_tokens,
+        trace=MessageToDict(message.trace) if with_trace else None,
+    )
+
+
+class GuardClient:
+    """Blocking client. `prompt` is a string (completion) or a list of (role, content) / {"role","content"}."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, channel: grpc.Channel | None = None) -> None:
+        self.channel = channel or grpc.insecure_channel(target)
+        self.stub = guard_pb2_grpc.GuardStub(self.channel)
+
+    def __enter__(self) -> GuardClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def generate(
+        self,
+        prompt: str | ChatInput,
+        *,
+        policy: str = "",
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        metadata: dict[str, str] | None = None,
+        trace: bool = False,
+        timeout: float | None = None,
+    ) -> Answer:
+        request = _request(prompt, policy, max_tokens, temperature, top_p, seed, stop, metadata, trace)
+        response = self.stub.Generate(request, timeout=timeout)
+        return _answer(response.text, response, trace)
+
+    def stream(
+        self,
+        prompt: str | ChatInput,
+        *,
+        policy: str = "",
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        metadata: dict[str, str] | None = None,
+        trace: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[str | Answer]:
+        """Yields text pieces as they arrive, then one Answer with the whole text."""
+        request = _request(prompt, policy, max_tokens, temperature, top_p, seed, stop, metadata, trace)
+        pieces: list[str] = []
+        for message in self.stub.GenerateStream(request, timeout=timeout):
+            if message.text:
+                pieces.append(message.text)
+                yield message.text
+            if message.finish_reason:
+                yield _answer("".join(pieces), message, trace)
+
+    def list_policies(self, *, timeout: float | None = None) -> list[PolicySummary]:
+        response = self.stub.ListPolicies(pb.ListPoliciesRequest(), timeout=timeout)
+        return [PolicySummary(p.name, p.version, p.description, p.model, list(p.steps)) for p in response.policies]
+
+    def score(
+        self, prompt: str | ChatInput, candidates: Sequence[str], *, policy: str, timeout: float | None = None
+    ) -> list[float]:
+        request = pb.ScoreRequest(policy=policy, candidates=list(candidates))
+        if isinstance(prompt, str):
+            request.prompt = prompt
+        else:
+            for item in prompt:
+                role, content = (item["role"], item["content"]) if isinstance(item, dict) else item
+                request.messages.messages.add(role=role, content=content)
+        return list(self.stub.Score(request, timeout=timeout).scores)

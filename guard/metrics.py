@@ -1,0 +1,130 @@
+"""Every Prometheus metric guard exports, in one place.
+
+Names: guard_<area>_<thing>_<unit>, base units (seconds, tokens). Labels only
+ever hold bounded values (policy and step names come from validated policy
+files, unknown policy names collapse to "unknown"); never prompt text.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+# Request latencies span a cached refusal (~1 ms) to long CPU generations (minutes).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Steps are mostly sub-millisecond; reranking can take seconds on CPU.
+STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+REQUESTS = Counter(
+    "guard_requests_total",
+    "Requests finished, by RPC, policy and outcome (ok, refused, or a gRPC status code name).",
+    ["rpc", "policy", "outcome"],
+    registry=REGISTRY,
+)
+REQUEST_SECONDS = Histogram(
+    "guard_request_duration_seconds",
+    "Wall time of a request inside guard, from receipt to last byte.",
+    ["rpc", "policy"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+REQUESTS_IN_FLIGHT = Gauge(
+    "guard_requests_in_flight",
+    "Requests being handled now.",
+    ["rpc"],
+    registry=REGISTRY,
+)
+STEP_SECONDS = Histogram(
+    "guard_step_duration_seconds",
+    "Time spent in one policy step's hook.",
+    ["policy", "step", "phase"],
+    buckets=STEP_BUCKETS,
+    registry=REGISTRY,
+)
+REFUSALS = Counter(
+    "guard_refusals_total",
+    "Requests refused, by policy, the step that refused and stage (input or output).",
+    ["policy", "step", "stage"],
+    registry=REGISTRY,
+)
+TOKENS = Counter(
+    "guard_tokens_total",
+    "Tokens reported by the upstream, by policy and kind (prompt or completion).",
+    ["policy", "kind"],
+    registry=REGISTRY,
+)
+UPSTREAM_REQUEST_SECONDS = Histogram(
+    "guard_upstream_request_duration_seconds",
+    "Time from sending a non-streamed request to the upstream until its full response.",
+    ["endpoint", "path"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+UPSTREAM_ERRORS = Counter(
+    "guard_upstream_errors_total",
+    "Upstream failures by endpoint and kind (connect, http_4xx, http_5xx, invalid_response, stream_broken).",
+    ["endpoint", "kind"],
+    registry=REGISTRY,
+)
+UPSTREAM_HEALTHY = Gauge(
+    "guard_upstream_healthy",
+    "1 when the endpoint's last health probe succeeded.",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+POLICY_RELOADS = Counter(
+    "guard_policy_reloads_total",
+    "Policy file (re)loads by result: ok, error (last good version kept) or removed.",
+    ["result"],
+    registry=REGISTRY,
+)
+POLICIES_LOADED = Gauge(
+    "guard_policies_loaded",
+    "Policies currently served.",
+    registry=REGISTRY,
+)
+
+# Reranking (best_of_n).
+RERANK_CANDIDATES = Counter(
+    "guard_rerank_candidates_total",
+    "Candidates scored by a reward source.",
+    ["source"],
+    registry=REGISTRY,
+)
+RERANK_SECONDS = Histogram(
+    "guard_rerank_duration_seconds",
+    "Time to score one request's candidates, queueing included.",
+    ["source"],
+    buckets=STEP_BUCKETS,
+    registry=REGISTRY,
+)
+RERANK_BATCH_SIZE = Histogram(
+    "guard_rerank_batch_size",
+    "Sequences per reward-model forward pass (after cross-request batching).",
+    ["source"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    registry=REGISTRY,
+)
+RERANK_CHOSEN_SCORE = Histogram(
+    "guard_rerank_chosen_score",
+    "Reward score of the candidate best_of_n returned.",
+    ["policy"],
+    buckets=(-10, -5, -2, -1, -0.5, 0, 0.25, 0.5, 0.75, 1, 2, 5, 10),
+    registry=REGISTRY,
+)
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0"):
+    """Expose /metrics over HTTP on its own port (returns the server and thread)."""
+    return start_http_server(port, addr=host, registry=REGISTRY)

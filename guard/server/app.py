@@ -1,0 +1,158 @@
+"""Assembles guard: policy store, upstream client, reranker, pipelines, gRPC server,
+health, reflection and /metrics; and shuts it all down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from guard import metrics
+from guard.pipeline.base import StepDeps
+from guard.pipeline.runner import Pipelines
+from guard.policy.store import PolicyStore
+from guard.rerank import Reranker
+from guard.server.interceptors import ExceptionInterceptor
+from guard.server.servicer import GuardServicer
+from guard.settings import Settings
+from guard.upstream.client import UpstreamClient
+from guard.v1 import guard_pb2, guard_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = guard_pb2.DESCRIPTOR.services_by_name["Guard"].full_name
+HEALTH_POLL_SECONDS = 1.0
+
+
+class GuardApp:
+    """One running guard server. `start()` binds and serves; `stop()` drains in-flight calls."""
+
+    def __init__(self, settings: Settings, upstream: UpstreamClient, model: str) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self.model = model
+        self.store = PolicyStore(settings.policies, default_policy=settings.default_policy, poll_interval=settings.poll_seconds)
+        self.store.on_reload(self._count_reload)
+        self.reranker = Reranker()
+        self.pipelines = Pipelines(StepDeps(upstream=upstream, reranker=self.reranker), default_model=model)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[ExceptionInterceptor()],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(self.store, self.pipelines), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = 0
+        self._health_task: asyncio.Task | None = None
+        self._metrics_server = None
+
+    def _count_reload(self, result: str, file: str) -> None:
+        metrics.POLICY_RELOADS.labels(result=result).inc()
+        metrics.POLICIES_LOADED.set(len(self.store.list()))
+
+    async def start(self) -> int:
+        self.store.reload_now()
+        metrics.POLICIES_LOADED.set(len(self.store.list()))
+        await self.store.start()
+        await self.upstream.start()
+        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind gRPC port {self.settings.host}:{self.settings.port}")
+        await self.server.start()
+        if self.settings.metrics_port:
+            self._metrics_server, _ = metrics.serve_metrics(self.settings.metrics_port, self.settings.host)
+        await self._set_health()
+        self._health_task = asyncio.create_task(self._health_loop(), name="health")
+        log.info(
+            "guard serving on %s:%d (model %s, policies %s, metrics :%s)",
+            self.settings.host, self.port, self.model, ", ".join(sorted(p.policy.name for p in self.store.list())),
+            self.settings.metrics_port or "off",
+        )
+        return self.port
+
+    async def _set_health(self, serving: bool | None = None) -> None:
+        if serving is None:
+            serving = self.upstream.any_healthy
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
+            await self._set_health()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first so load balancers stop sending, then let in-flight calls finish."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            self._health_task = None
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        await self.store.stop()
+        await self.reranker.close()
+        await self.upstream.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def _resolve_model(upstream: UpstreamClient, configured: str) -> str:
+    if configured:
+        return configured
+    models = await upstream.models()
+    if not models:
+        raise RuntimeError("the upstream serves no model; pass --model")
+    return models[0]
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM/SIGINT. Starts a managed vLLM when no upstream is configured."""
+    launcher = None
+    urls = list(settings.upstream)
+    model = settings.model
+    if not urls:
+        from guard.upstream.default_model import DEFAULT_MODEL_NAME, prepare_default_model
+        from guard.upstream.launcher import ManagedVLLM
+
+        model_dir = settings.vllm_model_dir or str(await asyncio.to_thread(prepare_default_model))
+        served = model or (DEFAULT_MODEL_NAME if not settings.vllm_model_dir else None)
+        launcher = ManagedVLLM(
+            model_dir,
+            port=settings.vllm_port or None,
+            max_model_len=settings.vllm_max_model_len,
+            dtype="bfloat16",
+            served_model_name=served,
+            log_path=settings.cache_dir / "vllm.log",
+        )
+        log.info("starting a local vLLM on %s (log: %s)", model_dir, settings.cache_dir / "vllm.log")
+        await asyncio.to_thread(launcher.start)
+        urls = [launcher.url]
+        model = launcher.served_model_name
+    try:
+        upstream = UpstreamClient(urls)
+        model = await _resolve_model(upstream, model)
+        app = GuardApp(settings, upstream, model)
+        await app.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: draining in-flight requests (grace %.0fs)", settings.grace_seconds)
+        await app.stop()
+    finally:
+        if launcher is not None:
+            await asyncio.to_thread(launcher.stop)

@@ -1,0 +1,63 @@
+"""Server settings: flags win over GUARD_* environment variables, which win over defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("GUARD_CACHE_DIR", Path.home() / ".cache" / "guard"))
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9464  # 0 disables the /metrics endpoint
+    policies: Path = Path("policies")
+    default_policy: str = "default"
+    # Empty: guard starts and manages a local vLLM server on the default model.
+    upstream: list[str] = field(default_factory=list)
+    # Served model name; empty: the upstream's first model.
+    model: str = ""
+    # For the managed vLLM: model directory (empty: the bundled Gemma 3 270M, prepared on first use).
+    vllm_model_dir: str = ""
+    vllm_max_model_len: int = 2048
+    vllm_port: int = 0
+    grace_seconds: float = 10.0
+    poll_seconds: float = 0.5
+    log_level: str = "INFO"
+    cache_dir: Path = field(default_factory=_cache_dir)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
+        """GUARD_<FIELD> environment variables, then non-None overrides (flags)."""
+        environ = dict(os.environ if environ is None else environ)
+        settings = cls()
+        for f in fields(cls):
+            raw = environ.get(f"GUARD_{f.name.upper()}")
+            if raw is not None:
+                setattr(settings, f.name, _parse(f.name, raw, getattr(settings, f.name)))
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(settings, name, value)
+        return settings
+
+
+def _parse(name: str, raw: str, current):
+    try:
+        if isinstance(current, bool):
+            return raw.lower() in ("1", "true", "yes")
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, Path):
+            return Path(raw)
+        if isinstance(current, list):
+            return [item.strip() for item in raw.split(",") if item.strip()]
+        return raw
+    except ValueError as exc:
+        raise ValueError(f"GUARD_{name.upper()}={raw!r}: {exc}") from exc

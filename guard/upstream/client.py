@@ -1,0 +1,360 @@
+"""Async client for vLLM's OpenAI-compatible API, over one or more servers.
+
+One pooled httpx client; endpoints are health-checked in the background and
+requests go to the healthy endpoint with the fewest requests in flight.
+Timeouts come from the caller (the gRPC deadline); cancelling the awaiting
+task closes the HTTP request, and vLLM aborts the generation when its client
+goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from guard import metrics
+from guard.types import Choice, Completion, Message, Sampling, StreamDelta
+
+log = logging.getLogger(__name__)
+
+
+class UpstreamError(Exception):
+    """The upstream answered, but not with a usable response."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    """No upstream endpoint could be reached."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The request's deadline passed while waiting for the upstream."""
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream refused the request itself (HTTP 4xx), e.g. a prompt longer than the model's context."""
+
+
+@dataclass
+class Endpoint:
+    url: str
+    healthy: bool = True
+    in_flight: int = 0
+    consecutive_failures: int = 0
+
+
+def _sampling_body(sampling: Sampling) -> dict[str, Any]:
+    body: dict[str, Any] = {"n": sampling.n}
+    if sampling.max_tokens is not None:
+        body["max_tokens"] = sampling.max_tokens
+    if sampling.temperature is not None:
+        body["temperature"] = sampling.temperature
+    if sampling.top_p is not None:
+        body["top_p"] = sampling.top_p
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    if sampling.stop:
+        body["stop"] = list(sampling.stop)
+    return body
+
+
+def _messages_body(messages: Sequence[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        api_key: str | None = None,
+        max_connections: int = 256,
+        connect_timeout: float = 5.0,
+        health_interval: float = 5.0,
+        default_timeout: float = 600.0,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one upstream URL is required")
+        self.endpoints = [Endpoint(url.rstrip("/")) for url in urls]
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            headers=headers,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            timeout=httpx.Timeout(default_timeout, connect=connect_timeout),
+        )
+        self._connect_timeout = connect_timeout
+        self._health_interval = health_interval
+        self._default_timeout = default_timeout
+        self._health_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.check_health()
+        self._health_task = asyncio.create_task(self._health_loop(), name="upstream-health")
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            try:
+                await self._health_task
+            except asyncio.CancelledError:
+                pass
+            self._health_task = None
+        await self._http.aclose()
+
+    # -- endpoint selection -------------------------------------------------
+
+    async def check_health(self) -> None:
+        await asyncio.gather(*(self._probe(ep) for ep in self.endpoints))
+
+    async def _probe(self, endpoint: Endpoint) -> None:
+        try:
+            response = await self._http.get(f"{endpoint.url}/health", timeout=self._connect_timeout)
+            healthy = response.status_code == 200
+        except httpx.HTTPError:
+            healthy = False
+        if healthy != endpoint.healthy:
+            log.warning("upstream %s is now %s", endpoint.url, "healthy" if healthy else "unhealthy")
+        endpoint.healthy = healthy
+        if healthy:
+            endpoint.consecutive_failures = 0
+        metrics.UPSTREAM_HEALTHY.labels(endpoint=endpoint.url).set(1 if healthy else 0)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._health_interval)
+            await self.check_health()
+
+    def _pick(self, exclude: set[str]) -> Endpoint | None:
+        candidates = [ep for ep in self.endpoints if ep.url not in exclude]
+        healthy = [ep for ep in candidates if ep.healthy]
+        # All marked unhealthy may just mean the last probe raced a restart: try anyway.
+        pool = healthy or candidates
+        return min(pool, key=lambda ep: ep.in_flight) if pool else None
+
+    @property
+    def any_healthy(self) -> bool:
+        return any(ep.healthy for ep in self.endpoints)
+
+    # -- requests ------------------------------------------------------------
+
+    def _timeout(self, timeout: float | None) -> httpx.Timeout:
+        total = self._default_timeout if timeout is None else max(timeout, 0.001)
+        return httpx.Timeout(total, connect=min(self._connect_timeout, total))
+
+    async def _post_json(self, path: str, body: dict[str, Any], timeout: float | None) -> tuple[dict[str, Any], str]:
+        """POST to the best endpoint; on a connection failure try the next one."""
+        tried: set[str] = set()
+        last_error: Exception | None = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (endpoint := self._pick(tried)) is not None:
+            tried.add(endpoint.url)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise UpstreamTimeout("deadline exceeded before the upstream answered")
+            endpoint.in_flight += 1
+            started = time.perf_counter()
+            try:
+                response = await self._http.post(f"{endpoint.url}{path}", json=body, timeout=self._timeout(remaining))
+            except httpx.TimeoutException as exc:
+                if isinstance(exc, httpx.ConnectTimeout):
+                    self._mark_failed(endpoint)
+                    last_error = exc
+                    continue
+                raise UpstreamTimeout(f"upstream {endpoint.url} did not answer in time") from exc
+            except httpx.TransportError as exc:
+                # Refused / reset before a response: safe to retry elsewhere, nothing was generated for us.
+                self._mark_failed(endpoint)
+                last_error = exc
+                continue
+            finally:
+                endpoint.in_flight -= 1
+                metrics.UPSTREAM_REQUEST_SECONDS.labels(endpoint=endpoint.url, path=path).observe(
+                    time.perf_counter() - started
+                )
+            return self._decode(response, endpoint.url), endpoint.url
+        raise UpstreamUnavailable(f"no upstream reachable (tried {', '.join(sorted(tried))}): {last_error}")
+
+    def _mark_failed(self, endpoint: Endpoint) -> None:
+        endpoint.consecutive_failures += 1
+        endpoint.healthy = False
+        metrics.UPSTREAM_ERRORS.labels(endpoint=endpoint.url, kind="connect").inc()
+        metrics.UPSTREAM_HEALTHY.labels(endpoint=endpoint.url).set(0)
+
+    @staticmethod
+    def _decode(response: httpx.Response, url: str) -> dict[str, Any]:
+        if response.status_code != 200:
+            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind=f"http_{response.status_code // 100}xx").inc()
+            error = UpstreamRejected if 400 <= response.status_code < 500 else UpstreamError
+            raise error(f"upstream {url} returned HTTP {response.status_code}: {_error_message(response)}")
+        try:
+            payload = response.json()
+        except ValueError as exc:
+            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
+            raise UpstreamError(f"upstream {url} returned a body that is not JSON: {response.text[:200]!r}") from exc
+        if not isinstance(payload, dict):
+            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
+            raise UpstreamError(f"upstream {url} returned JSON that is not an object")
+        return payload
+
+    async def complete(
+        self, model: str, prompt: str, sampling: Sampling, *, timeout: float | None = None
+    ) -> Completion:
+        body = {"model": model, "prompt": prompt, **_sampling_body(sampling)}
+        if sampling.logprobs is not None:
+            body["logprobs"] = sampling.logprobs
+        payload, url = await self._post_json("/v1/completions", body, timeout)
+        return _parse_completion(payload, url, chat=False)
+
+    async def chat(
+        self, model: str, messages: Sequence[Message], sampling: Sampling, *, timeout: float | None = None
+    ) -> Completion:
+        body = {"model": model, "messages": _messages_body(messages), **_sampling_body(sampling)}
+        if sampling.logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = sampling.logprobs
+        payload, url = await self._post_json("/v1/chat/completions", body, timeout)
+        return _parse_completion(payload, url, chat=True)
+
+    async def stream(
+        self,
+        model: str,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[Message] | None = None,
+        sampling: Sampling,
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamDelta]:
+        """Server-sent events from /v1/completions or /v1/chat/completions as deltas.
+
+        Connection failures before the first byte fail over to another endpoint;
+        once text has flowed, an error is raised to the caller.
+        """
+        chat = messages is not None
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        body: dict[str, Any] = {"model": model, **_sampling_body(sampling), "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        if chat:
+            body["messages"] = _messages_body(messages)
+        else:
+            body["prompt"] = prompt
+        tried: set[str] = set()
+        last_error: Exception | None = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (endpoint := self._pick(tried)) is not None:
+            tried.add(endpoint.url)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            request = self._http.build_request("POST", f"{endpoint.url}{path}", json=body, timeout=self._timeout(remaining))
+            endpoint.in_flight += 1
+            try:
+                try:
+                    response = await self._http.send(request, stream=True)
+                except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+                    self._mark_failed(endpoint)
+                    last_error = exc
+                    continue
+                except httpx.TimeoutException as exc:
+                    raise UpstreamTimeout(f"upstream {endpoint.url} did not answer in time") from exc
+                try:
+                    if response.status_code != 200:
+                        await response.aread()
+                        self._decode(response, endpoint.url)
+                    async for delta in _parse_sse(response, endpoint.url, chat=chat):
+                        yield delta
+                except httpx.TimeoutException as exc:
+                    raise UpstreamTimeout(f"upstream {endpoint.url} stopped answering in time") from exc
+                except httpx.TransportError as exc:
+                    metrics.UPSTREAM_ERRORS.labels(endpoint=endpoint.url, kind="stream_broken").inc()
+                    raise UpstreamError(f"upstream {endpoint.url} dropped the stream: {exc}") from exc
+                finally:
+                    # Closing mid-stream (client cancelled) drops the connection; vLLM then aborts the request.
+                    await response.aclose()
+                return
+            finally:
+                endpoint.in_flight -= 1
+        raise UpstreamUnavailable(f"no upstream reachable (tried {', '.join(sorted(tried))}): {last_error}")
+
+    async def models(self) -> list[str]:
+        endpoint = self._pick(set())
+        assert endpoint is not None
+        try:
+            response = await self._http.get(f"{endpoint.url}/v1/models", timeout=self._connect_timeout)
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(f"upstream {endpoint.url} unreachable: {exc}") from exc
+        payload = self._decode(response, endpoint.url)
+        return [str(item.get("id")) for item in payload.get("data", [])]
+
+
+def _error_message(response: httpx.Response) -> str:
+    """vLLM puts the useful part in {"error": {"message": ...}} (older: {"message": ...})."""
+    try:
+        payload = response.json()
+        error = payload.get("error", payload)
+        return str(error.get("message", error) if isinstance(error, dict) else error)[:500]
+    except ValueError:
+        return response.text[:500]
+
+
+def _parse_completion(payload: dict[str, Any], url: str, *, chat: bool) -> Completion:
+    """Lenient: vLLM adds fields beyond OpenAI's; only what guard needs is required."""
+    try:
+        choices = []
+        for raw in payload["choices"]:
+            if chat:
+                text = (raw.get("message") or {}).get("content") or ""
+                lp = raw.get("logprobs") or {}
+                token_logprobs = tuple(t["logprob"] for t in lp.get("content") or []) or None
+            else:
+                text = raw.get("text") or ""
+                lp = raw.get("logprobs") or {}
+                token_logprobs = tuple(x for x in (lp.get("token_logprobs") or []) if x is not None) or None
+            choices.append(
+                Choice(
+                    index=int(raw.get("index", len(choices))),
+                    text=str(text),
+                    finish_reason=raw.get("finish_reason"),
+                    token_logprobs=token_logprobs,
+                )
+            )
+        usage = payload.get("usage") or {}
+        choices.sort(key=lambda c: c.index)
+        return Completion(
+            choices=tuple(choices),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            model=str(payload.get("model", "")),
+            upstream_url=url,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
+        raise UpstreamError(f"upstream {url} returned an unexpected completion shape: {exc!r}") from exc
+
+
+async def _parse_sse(response: httpx.Response, url: str, *, chat: bool) -> AsyncIterator[StreamDelta]:
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except ValueError as exc:
+            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
+            raise UpstreamError(f"upstream {url} sent an event that is not JSON: {data[:200]!r}") from exc
+        usage = event.get("usage") or {}
+        for raw in event.get("choices") or []:
+            text = ((raw.get("delta") or {}).get("content") or "") if chat else (raw.get("text") or "")
+            yield StreamDelta(index=int(raw.get("index", 0)), text=text, finish_reason=raw.get("finish_reason"))
+        if usage:
+            yield StreamDelta(
+                index=0,
+                text="",
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+            )
