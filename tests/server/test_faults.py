@@ -1,0 +1,128 @@
+"""A real guard process against an upstream that fails: statuses, cancellation, graceful shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from guard.client import GuardClient
+from tests.support.fault_upstream import FaultUpstream
+from tests.support.guard_process import GuardProcess
+from tests.support.net import free_port
+
+
+@pytest.fixture(scope="module")
+def fault():
+    with FaultUpstream("hang", hang_seconds=30) as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def guard_on_fault(fault, tmp_path_factory):
+    policies = tmp_path_factory.mktemp("fault-policies")
+    (policies / "default.yaml").write_text("name: default\n")
+    process = GuardProcess(policies, [fault.url], model="fault-model", log_path=policies / "guard.log")
+    try:
+        process.wait_serving(timeout=60)
+        yield process
+    finally:
+        process.terminate()
+
+
+@pytest.fixture
+def client(guard_on_fault, fault):
+    fault.disconnects.clear()
+    with GuardClient(guard_on_fault.target) as guard:
+        yield guard
+
+
+@pytest.mark.parametrize("mode", ["garbage", "error500", "drop"])
+def test_broken_upstream_is_unavailable_with_a_reason(client, fault, mode):
+    fault.mode = mode
+    with pytest.raises(grpc.RpcError) as raised:
+        client.generate("hi", timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "upstream" in raised.value.details()
+
+
+def test_hanging_upstream_hits_the_client_deadline_and_is_closed(client, fault):
+    fault.mode = "hang"
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as raised:
+        client.generate("hi", timeout=1.0)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 5
+    assert fault.disconnects.wait(5), "guard must close the upstream request when the deadline passes"
+
+
+def test_client_cancel_closes_the_upstream_request(client, fault):
+    fault.mode = "hang"
+    future = client.stub.Generate.future(__import__("guard.v1.guard_pb2", fromlist=["x"]).GenerateRequest(prompt="hi"))
+    deadline = time.monotonic() + 5
+    while len(fault.requests) == 0 or not future.running():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.2)
+    future.cancel()
+    assert fault.disconnects.wait(5), "a cancelled call must close its upstream request"
+
+
+def test_no_reachable_upstream_is_unavailable(tmp_path):
+    (tmp_path / "default.yaml").write_text("name: default\n")
+    process = GuardProcess(tmp_path, [f"http://127.0.0.1:{free_port()}"], model="m", log_path=tmp_path / "guard.log")
+    try:
+        # Health reports NOT_SERVING while no upstream answers, but guard stays up and answers clearly.
+        deadline = time.monotonic() + 60
+        with grpc.insecure_channel(process.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline, process.log()
+                    time.sleep(0.2)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with GuardClient(process.target) as guard, pytest.raises(grpc.RpcError) as raised:
+            guard.generate("hi", timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        process.terminate()
+
+
+def test_sigterm_lets_in_flight_requests_finish(fault, tmp_path):
+    fault.mode = "slow_ok"
+    fault.hang_seconds = 1.5
+    (tmp_path / "default.yaml").write_text("name: default\n")
+    process = GuardProcess(tmp_path, [fault.url], model="fault-model", log_path=tmp_path / "guard.log")
+    try:
+        process.wait_serving(timeout=60)
+        results: dict = {}
+
+        def call():
+            with GuardClient(process.target) as guard:
+                try:
+                    results["answer"] = guard.generate("hi", timeout=20)
+                except grpc.RpcError as exc:
+                    results["error"] = exc
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        requests_before = len(fault.requests)
+        deadline = time.monotonic() + 10
+        while len(fault.requests) == requests_before:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        code = process.terminate()
+        thread.join(20)
+        assert "error" not in results, results.get("error")
+        assert results["answer"].text == "late but fine"
+        assert code == 0, process.log()
+        assert "draining" in process.log()
+    finally:
+        process.terminate()
+        fault.hang_seconds = 30
