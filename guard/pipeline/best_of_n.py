@@ -1,0 +1,83 @@
+"""best_of_n: sample n candidates in one upstream call, score them with a reward source, pick one.
+
+One call with n (not n calls) lets vLLM prefill the prompt once for all
+candidates. Other steps' after-hooks (output filters, chain-of-thought
+extraction) have already run on every candidate when select() runs, so
+candidates are scored on the text the client would receive.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from guard.pipeline.base import Candidate, Context, Step, register_step
+from guard.policy.model import BestOfNStep
+from guard.rerank import RerankError
+
+
+@register_step("best_of_n")
+class BestOfN(Step[BestOfNStep]):
+    streamable = False  # the answer is known only once every candidate is complete
+    selects = True
+
+    async def before(self, ctx: Context) -> None:
+        ctx.sampling = ctx.sampling.with_(n=self.config.n, temperature=self.config.temperature, top_p=self.config.top_p)
+
+    async def select(self, ctx: Context) -> Candidate | None:
+        config = self.config
+        reranker = self.deps.reranker
+        if reranker is None:
+            raise RuntimeError("best_of_n needs a Reranker in StepDeps")
+        # With refused=penalize a refused candidate competes as its refusal text.
+        pool = [c for c in ctx.candidates if c.refusal is None or config.refused == "penalize"]
+        ctx.detail["candidates"] = [_entry(c) for c in ctx.candidates]
+        ctx.detail["chosen"] = None
+        if not pool:
+            return None  # every candidate refused: the runner answers with the refusal
+
+        texts = [c.text if c.refusal is None else c.refusal.text for c in pool]
+        # Score against what the client asked, not the rewritten prompt: before-hooks may have
+        # added instructions (e.g. chain-of-thought format) that the final text no longer follows.
+        request = ctx.request
+        prompt = request.messages if request.messages is not None else (request.prompt or "")
+        timeout = None if ctx.deadline is None else max(ctx.deadline - time.monotonic(), 0.0)
+        try:
+            scores = await reranker.score(config.reward, prompt, texts, timeout=timeout)
+        except RerankError as exc:
+            if config.on_error == "fail":
+                raise
+            ctx.detail["error"] = str(exc)
+            fallback = next((c for c in ctx.candidates if c.refusal is None), None)
+            ctx.detail["chosen"] = fallback.index if fallback is not None else None
+            return fallback
+
+        penalties = []
+        for candidate, text, score, entry in zip(pool, texts, scores, _entries_for(ctx, pool), strict=True):
+            length_penalty = config.length_penalty * len(text) / 1000.0
+            refused_penalty = config.refused_penalty if candidate.refusal is not None else 0.0
+            penalties.append(length_penalty + refused_penalty)
+            entry.update(score=score, length_penalty=length_penalty, refused_penalty=refused_penalty)
+            candidate.notes["reward"] = score
+        [choice] = reranker.select(
+            [scores], [penalties], rule=config.selection, tau=config.tau, normalize=config.normalize, seed=ctx.sampling.seed
+        )
+        chosen = pool[choice]
+        ctx.detail["chosen"] = chosen.index
+        ctx.detail["chosen_score"] = scores[choice]
+        reranker.observer.chosen(ctx.policy.name, scores[choice])
+        # A refused candidate that still wins means the refusal answers.
+        return chosen if chosen.refusal is None else None
+
+
+def _entry(candidate: Candidate) -> dict[str, Any]:
+    entry: dict[str, Any] = {"index": candidate.index}
+    if candidate.refusal is not None:
+        entry["refused_by"] = candidate.refusal.step
+        entry["refused_rule"] = candidate.refusal.rule
+    return entry
+
+
+def _entries_for(ctx: Context, pool: list[Candidate]) -> list[dict[str, Any]]:
+    by_index = {entry["index"]: entry for entry in ctx.detail["candidates"]}
+    return [by_index[c.index] for c in pool]

@@ -1,0 +1,157 @@
+"""The Reranker: one per server; builds reward sources from policy config and keeps them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Literal
+
+import torch
+
+from guard.policy.reward import (
+    EmbeddingReward,
+    LMJudgeReward,
+    RemoteReward,
+    RewardConfig,
+    SequenceClassifierReward,
+    WeightedReward,
+)
+from guard.rerank import selection
+from guard.rerank.base import NullObserver, Prompt, RerankError, RerankObserver, RewardSource, ScoreRequest
+from guard.rerank.batching import Runtime
+from guard.rerank.remote import RemoteSource
+
+
+class WeightedSource(RewardSource):
+    """Sum of weighted sources; each child is shared with any policy that uses it alone."""
+
+    kind = "weighted"
+
+    def __init__(self, children: Sequence[tuple[float, RewardSource]]) -> None:
+        self.children = list(children)
+
+    async def score(self, request: ScoreRequest, *, timeout: float | None = None) -> list[float]:
+        results = await asyncio.gather(*(source.score(request, timeout=timeout) for _, source in self.children))
+        return [
+            sum(weight * scores[i] for (weight, _), scores in zip(self.children, results, strict=True))
+            for i in range(len(request.candidates))
+        ]
+
+
+class Reranker:
+    """Scores best-of-n candidates with any configured reward source, and selects among them.
+
+    Sources are built on first use (or by `load`, to warm them at policy load) and
+    cached by config, so policies naming the same model share it and its batches.
+    Model compute runs on one worker thread; the event loop only awaits.
+    """
+
+    def __init__(
+        self,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_wait_ms: float = 5.0,
+        max_batch_tokens: int = 16384,
+        observer: RerankObserver | None = None,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # bf16 halves memory and doubles tensor-core throughput on GPU; CPUs are fastest and exact in fp32.
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.observer: RerankObserver = observer or NullObserver()
+        self.runtime = Runtime(
+            worker=ThreadPoolExecutor(1, thread_name_prefix="rerank-worker"),
+            prep=ThreadPoolExecutor(1, thread_name_prefix="rerank-prep"),
+            max_wait=max_wait_ms / 1000.0,
+            max_batch_tokens=max_batch_tokens,
+            observer=self.observer,
+        )
+        self._sources: dict[str, asyncio.Future[RewardSource]] = {}
+
+    async def load(self, config: RewardConfig) -> RewardSource:
+        """The source for `config`, built once; concurrent callers share one build."""
+        key = config.model_dump_json()
+        future = self._sources.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._build(config))
+            self._sources[key] = future
+        try:
+            # shield: a caller timing out must not cancel a load that others wait for.
+            return await asyncio.shield(future)
+        except Exception:
+            if self._sources.get(key) is future and future.done():
+                del self._sources[key]  # a failed load is retried by the next request
+            raise
+
+    async def _build(self, config: RewardConfig) -> RewardSource:
+        if isinstance(config, WeightedReward):
+            children = [await self.load(entry.source) for entry in config.sources]
+            return WeightedSource([(entry.weight, child) for entry, child in zip(config.sources, children, strict=True)])
+        if isinstance(config, RemoteReward):
+            return RemoteSource(config, self.observer)
+        from guard.rerank.sources import EmbeddingSource, LMJudgeSource, SequenceClassifierSource
+
+        local = {
+            SequenceClassifierReward: SequenceClassifierSource,
+            LMJudgeReward: LMJudgeSource,
+            EmbeddingReward: EmbeddingSource,
+        }[type(config)]
+        build = partial(local, config, self.runtime, self.device, self.dtype)
+        try:
+            # Loading takes seconds: off the loop, and off the worker so scoring continues meanwhile.
+            return await asyncio.get_running_loop().run_in_executor(None, build)
+        except RerankError:
+            raise
+        except Exception as exc:
+            raise RerankError(f"cannot load {config.type} reward: {exc!r}") from exc
+
+    async def score(
+        self, config: RewardConfig, prompt: Prompt, candidates: Sequence[str], *, timeout: float | None = None
+    ) -> list[float]:
+        """One score per candidate, higher is better. Raises RerankError (also on timeout)."""
+        if not candidates:
+            return []
+        try:
+            async with asyncio.timeout(timeout):
+                source = await self.load(config)
+                return await source.score(ScoreRequest(prompt, tuple(candidates)), timeout=None)
+        except TimeoutError:
+            raise RerankError(f"{config.type} reward: no score within {timeout:.3g}s") from None
+
+    def select(
+        self,
+        scores: Sequence[Sequence[float]],
+        penalties: Sequence[Sequence[float]] | None = None,
+        *,
+        rule: Literal["argmax", "softmax"] = "argmax",
+        tau: float = 1.0,
+        normalize: Literal["none", "zscore"] = "none",
+        seed: int | None = None,
+    ) -> list[int]:
+        """The chosen index for each request's (ragged) scores, after penalties and normalisation.
+
+        `seed` makes softmax sampling reproducible (the request's sampling seed).
+        """
+        generator = None
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        return selection.select(
+            [list(row) for row in scores],
+            [list(row) for row in penalties] if penalties is not None else None,
+            rule=rule,
+            tau=tau,
+            normalize=normalize,
+            generator=generator,
+            device=self.device,
+        )
+
+    async def close(self) -> None:
+        sources = [future.result() for future in self._sources.values() if future.done() and not future.cancelled() and future.exception() is None]
+        for future in self._sources.values():
+            future.cancel()
+        self._sources.clear()
+        await asyncio.gather(*(source.close() for source in sources), return_exceptions=True)
+        self.runtime.worker.shutdown(wait=False, cancel_futures=True)
+        self.runtime.prep.shutdown(wait=False, cancel_futures=True)
