@@ -96,7 +96,10 @@ class PatternRule(Strict):
         """One case-insensitive alternation: keywords on word boundaries, regexes as written."""
         # Any run of whitespace between a keyword's words still matches ("make  meth").
         words = [re.escape(keyword).replace(r"\ ", r"\s+") for keyword in self.keywords]
-        alternatives = [rf"\b{escaped}\b" for escaped in words]
+        # Not `\b`: next to a keyword's own punctuation ("c++", ".onion") `\b` would demand a
+        # word character, so the keyword could never match on its own. No word character
+        # may touch either end instead; for keywords that start and end in one, that is `\b`.
+        alternatives = [rf"(?<!\w){escaped}(?!\w)" for escaped in words]
         alternatives += [f"(?:{pattern})" for pattern in self.regex]
         return re.compile("|".join(alternatives), re.IGNORECASE)
 
