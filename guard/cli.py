@@ -116,9 +116,9 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 
 def _policy_schema(args: argparse.Namespace) -> int:
-    from guard.policy.schema import policy_json_schema
+    from guard.policy.schema import policy_schema_text
 
-    text = json.dumps(policy_json_schema(), indent=2) + "\n"
+    text = policy_schema_text()
     if args.output:
         Path(args.output).write_text(text)
     else:

@@ -128,3 +128,17 @@ RERANK_CHOSEN_SCORE = Histogram(
 def serve_metrics(port: int, host: str = "0.0.0.0"):
     """Expose /metrics over HTTP on its own port (returns the server and thread)."""
     return start_http_server(port, addr=host, registry=REGISTRY)
+
+
+class RerankMetrics:
+    """The rerank package's observer (guard.rerank.RerankObserver), recording the guard_rerank_* metrics."""
+
+    def scored(self, source: str, candidates: int, seconds: float) -> None:
+        RERANK_CANDIDATES.labels(source=source).inc(candidates)
+        RERANK_SECONDS.labels(source=source).observe(seconds)
+
+    def batch(self, source: str, sequences: int) -> None:
+        RERANK_BATCH_SIZE.labels(source=source).observe(sequences)
+
+    def chosen(self, policy: str, score: float) -> None:
+        RERANK_CHOSEN_SCORE.labels(policy=policy).observe(score)

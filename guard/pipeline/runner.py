@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from guard import metrics
-from guard.pipeline import chain_of_thought, filters, system_prompt  # noqa: F401 - registers the steps
+from guard.pipeline import best_of_n, chain_of_thought, filters, system_prompt  # noqa: F401 - registers the steps
 from guard.pipeline.base import Candidate, Context, Step, StepDeps, step_class
 from guard.policy.loader import LoadedPolicy
 from guard.types import GenerateInput, GenerateResult, Refusal, TraceEntry, Usage

@@ -37,7 +37,7 @@ class GuardApp:
         self.model = model
         self.store = PolicyStore(settings.policies, default_policy=settings.default_policy, poll_interval=settings.poll_seconds)
         self.store.on_reload(self._count_reload)
-        self.reranker = Reranker()
+        self.reranker = Reranker(observer=metrics.RerankMetrics())
         self.pipelines = Pipelines(StepDeps(upstream=upstream, reranker=self.reranker), default_model=model)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(

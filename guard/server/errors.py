@@ -47,12 +47,16 @@ class InvalidArgument(GuardError):
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Maps any exception from the pipeline or upstream to a status and message."""
     from guard.policy.store import UnknownPolicy
+    from guard.rerank import RerankError
     from guard.upstream.client import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 
     if isinstance(exc, GuardError):
         return exc.code, str(exc)
     if isinstance(exc, UnknownPolicy):
         return grpc.StatusCode.NOT_FOUND, f"policy: {exc.args[0] if exc.args else exc}"
+    if isinstance(exc, RerankError):
+        # The reward source failed (model missing, remote scorer down): the operator must act.
+        return grpc.StatusCode.UNAVAILABLE, f"reward: {exc}"
     if isinstance(exc, UpstreamTimeout):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, UpstreamRejected):

@@ -19,7 +19,7 @@ def request(**fields) -> pb.GenerateRequest:
     ("message", "field"),
     [
         (request(), "input"),
-        (request(prompt=""), "input"),  # an empty string leaves the oneof unset
+        (request(prompt=""), "prompt"),  # setting a oneof member, even to "", selects it
         (pb.GenerateRequest(messages=pb.ChatMessages()), "messages"),
         (request(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="robot", content="x")])), "messages[0].role"),
         (request(prompt="x", sampling=pb.SamplingParams(max_tokens=0)), "sampling.max_tokens"),
