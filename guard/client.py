@@ -86,7 +86,7 @@ def _answer(text: str, message: pb.GenerateResponse | pb.GenerateStreamResponse,
         refusal=MessageToDict(message.refusal) if message.refusal.refused else {},
         prompt_tokens=message.usage.prompt_tokens,
         completion_tokens=message.usage.completion_tokens,
-        trace=MessageToDict(message.trace) if with_trace else None,
+        trace=MessageToDict(message.trace, always_print_fields_with_no_presence=True) if with_trace else None,
     )
 
 
