@@ -85,14 +85,6 @@ WeightedSource.model_rebuild()
 WeightedReward.model_rebuild()
 
 
-class SpeculativeRejection(_Strict):
-    chunk_tokens: int = Field(32, ge=1, le=4096, description="Tokens generated per candidate between pruning rounds.")
-    keep_fraction: float = Field(
-        0.5, gt=0.0, lt=1.0, description="Fraction of live candidates (rounded up) kept after each pruning round."
-    )
-    min_candidates: int = Field(1, ge=1, description="Never prune below this many live candidates.")
-
-
 class BestOfNConfig(_Strict):
     n: int = Field(4, ge=1, le=64, description="Candidates sampled in one upstream call.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature for the candidates.")
@@ -119,9 +111,4 @@ class BestOfNConfig(_Strict):
     on_error: Literal["fail", "first"] = Field(
         "fail",
         description="When the reward source fails: fail the request, or answer with the first candidate not refused.",
-    )
-    speculative_rejection: SpeculativeRejection | None = Field(
-        None,
-        description="Generate in chunks, score partial candidates and stop the lowest-scoring ones early "
-        "(text prompts only).",
     )
