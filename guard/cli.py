@@ -33,6 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
     )
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per upstream HTTP call drowns guard's own request log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     asyncio.run(serve(settings))
     return 0
 
