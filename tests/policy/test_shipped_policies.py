@@ -36,7 +36,8 @@ def first_match(policy: Policy, step_type: str, text: str) -> str | None:
 
 
 def test_the_shipped_policies_load(shipped: dict[str, Policy]) -> None:
-    assert set(shipped) == {"default", "safe-assistant", "cot"}
+    assert set(shipped) == {"default", "safe-assistant", "cot", "best-of-n"}
+    assert [step.type for step in shipped["best-of-n"].steps] == ["output_filter", "best_of_n"]
     assert shipped["default"].steps == []
     assert [step.type for step in shipped["cot"].steps] == ["chain_of_thought"]
     assert [step.type for step in shipped["safe-assistant"].steps] == [
