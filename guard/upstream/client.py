@@ -49,6 +49,27 @@ class Endpoint:
     consecutive_failures: int = 0
 
 
+class _Attempts:
+    """Endpoints to try for one request, best first, each at most once, within the request's deadline."""
+
+    def __init__(self, client: UpstreamClient, timeout: float | None) -> None:
+        self._client = client
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self.tried: set[str] = set()
+        self.last_error: Exception | None = None
+
+    def __iter__(self):
+        while (endpoint := self._client._pick(self.tried)) is not None:
+            self.tried.add(endpoint.url)
+            remaining = None if self._deadline is None else self._deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise UpstreamTimeout("deadline exceeded before the upstream answered")
+            yield endpoint, remaining
+
+    def exhausted(self) -> UpstreamUnavailable:
+        return UpstreamUnavailable(f"no upstream reachable (tried {', '.join(sorted(self.tried))}): {self.last_error}")
+
+
 def _sampling_body(sampling: Sampling) -> dict[str, Any]:
     body: dict[str, Any] = {"n": sampling.n}
     if sampling.max_tokens is not None:
@@ -149,14 +170,8 @@ class UpstreamClient:
 
     async def _post_json(self, path: str, body: dict[str, Any], timeout: float | None) -> tuple[dict[str, Any], str]:
         """POST to the best endpoint; on a connection failure try the next one."""
-        tried: set[str] = set()
-        last_error: Exception | None = None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (endpoint := self._pick(tried)) is not None:
-            tried.add(endpoint.url)
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise UpstreamTimeout("deadline exceeded before the upstream answered")
+        attempts = _Attempts(self, timeout)
+        for endpoint, remaining in attempts:
             endpoint.in_flight += 1
             started = time.perf_counter()
             try:
@@ -164,13 +179,13 @@ class UpstreamClient:
             except httpx.TimeoutException as exc:
                 if isinstance(exc, httpx.ConnectTimeout):
                     self._mark_failed(endpoint)
-                    last_error = exc
+                    attempts.last_error = exc
                     continue
                 raise UpstreamTimeout(f"upstream {endpoint.url} did not answer in time") from exc
             except httpx.TransportError as exc:
                 # Refused / reset before a response: safe to retry elsewhere, nothing was generated for us.
                 self._mark_failed(endpoint)
-                last_error = exc
+                attempts.last_error = exc
                 continue
             finally:
                 endpoint.in_flight -= 1
@@ -178,7 +193,7 @@ class UpstreamClient:
                     time.perf_counter() - started
                 )
             return self._decode(response, endpoint.url), endpoint.url
-        raise UpstreamUnavailable(f"no upstream reachable (tried {', '.join(sorted(tried))}): {last_error}")
+        raise attempts.exhausted()
 
     def _mark_failed(self, endpoint: Endpoint) -> None:
         endpoint.consecutive_failures += 1
@@ -243,12 +258,8 @@ class UpstreamClient:
             body["messages"] = _messages_body(messages)
         else:
             body["prompt"] = prompt
-        tried: set[str] = set()
-        last_error: Exception | None = None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (endpoint := self._pick(tried)) is not None:
-            tried.add(endpoint.url)
-            remaining = None if deadline is None else deadline - time.monotonic()
+        attempts = _Attempts(self, timeout)
+        for endpoint, remaining in attempts:
             request = self._http.build_request("POST", f"{endpoint.url}{path}", json=body, timeout=self._timeout(remaining))
             endpoint.in_flight += 1
             try:
@@ -256,7 +267,7 @@ class UpstreamClient:
                     response = await self._http.send(request, stream=True)
                 except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
                     self._mark_failed(endpoint)
-                    last_error = exc
+                    attempts.last_error = exc
                     continue
                 except httpx.TimeoutException as exc:
                     raise UpstreamTimeout(f"upstream {endpoint.url} did not answer in time") from exc
@@ -277,7 +288,7 @@ class UpstreamClient:
                 return
             finally:
                 endpoint.in_flight -= 1
-        raise UpstreamUnavailable(f"no upstream reachable (tried {', '.join(sorted(tried))}): {last_error}")
+        raise attempts.exhausted()
 
     async def models(self) -> list[str]:
         endpoint = self._pick(set())
