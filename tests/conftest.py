@@ -66,7 +66,7 @@ def vllm_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     if url := os.environ.get("GUARD_TEST_VLLM_URL"):
         yield VLLMServer(url=url.rstrip("/"), model=os.environ.get("GUARD_TEST_VLLM_MODEL", TINY_LLAMA_NAME))
         return
-    pytest.importorskip("vllm", reason="vLLM is not installed (scripts/bootstrap.sh installs it)")
+    # No skip when vLLM is missing: a suite that quietly drops its integration tests would look green.
     from guard.upstream.launcher import ManagedVLLM
 
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"

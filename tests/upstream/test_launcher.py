@@ -163,7 +163,6 @@ def test_session_server_lists_served_model(vllm_server) -> None:
 
 @pytest.mark.integration
 def test_bad_model_dir_fails_fast_with_log(tmp_path: Path) -> None:
-    pytest.importorskip("vllm")
     bad = tmp_path / "not-a-model"
     bad.mkdir()
     (bad / "config.json").write_text("{}")
@@ -182,7 +181,6 @@ def test_bad_model_dir_fails_fast_with_log(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_real_server_stop_leaves_no_process(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """Its own server (~40 s): vLLM's engine core is a grandchild and must die with it."""
-    pytest.importorskip("vllm")
     server = ManagedVLLM(tiny_llama_dir, served_model_name="own", log_path=tmp_path / "vllm.log")
     with server:
         pgid = server.pid
