@@ -1,8 +1,10 @@
-"""input_filter / output_filter: pattern rules that refuse with a template.
+"""input_filter / output_filter: pattern and similarity rules that refuse with a template.
 
 Keywords match case-insensitively on word boundaries; regexes match
-case-insensitively. The first matching rule refuses. If matching itself fails,
-the filter's on_error decides: refuse (fail closed) or allow (fail open).
+case-insensitively. Semantic rules compare sentence embeddings of the text with
+harmful and benign exemplars (through the injected reranker's embedding model).
+The first matching rule refuses. If a rule itself fails (say the embedding model
+cannot load), the filter's on_error decides: refuse (fail closed) or allow (fail open).
 """
 
 from __future__ import annotations
@@ -31,10 +33,27 @@ class _PatternFilter(Step[FilterStepBase]):
                 return name
         return None
 
-    def _check(self, ctx: Context, text: str) -> Refusal | None:
+    async def _match_semantic(self, ctx: Context, text: str) -> str | None:
+        if not self.config.semantic:
+            return None
+        reranker = self.deps.reranker
+        if reranker is None:
+            raise RuntimeError("semantic rules need a reranker (embedding model)")
+        for rule in self.config.semantic:
+            exemplars = [*rule.harmful, *rule.benign]
+            # The embedding reward is cosine(text, exemplar): the text plays the prompt, exemplars the candidates.
+            similarities = await reranker.score(rule.model, text, exemplars)
+            harmful = max(similarities[: len(rule.harmful)])
+            benign = max(similarities[len(rule.harmful) :], default=-1.0)
+            ctx.detail.setdefault("similarity", {})[rule.name] = {"harmful": harmful, "benign": benign}
+            if harmful >= rule.threshold and harmful - benign >= rule.margin:
+                return rule.name
+        return None
+
+    async def _check(self, ctx: Context, text: str) -> Refusal | None:
         refusal_text = self.config.refusal or ctx.policy.refusal
         try:
-            rule = self._match(text)
+            rule = self._match(text) or await self._match_semantic(ctx, text)
         except Exception as exc:  # noqa: BLE001 - the fail mode is the operator's choice
             log.exception("filter %s failed", self.name)
             if self.config.on_error == "allow":
@@ -52,7 +71,7 @@ class InputFilter(_PatternFilter):
     config: InputFilterStep
 
     async def before(self, ctx: Context) -> None:
-        refusal = self._check(ctx, ctx.user_text(tuple(self.config.roles)))
+        refusal = await self._check(ctx, ctx.user_text(tuple(self.config.roles)))
         ctx.detail["matched"] = refusal.rule if refusal else None
         if refusal is not None:
             ctx.refusal = refusal
@@ -65,6 +84,6 @@ class OutputFilter(_PatternFilter):
     config: OutputFilterStep
 
     async def after(self, ctx: Context, candidate: Candidate) -> None:
-        refusal = self._check(ctx, candidate.text)
+        refusal = await self._check(ctx, candidate.text)
         if refusal is not None:
             candidate.refusal = refusal

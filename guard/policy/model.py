@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from guard.policy.reward import BestOfNConfig
+from guard.policy.reward import BestOfNConfig, EmbeddingReward
 from guard.types import Sampling
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -104,12 +104,42 @@ class PatternRule(Strict):
         return re.compile("|".join(alternatives), re.IGNORECASE)
 
 
+class SemanticRule(Strict):
+    """Refuses text that is closer to harmful exemplars than to benign ones.
+
+    Nearest-harmful similarity alone separates poorly (a benign "reset my own password" can sit
+    closer to "break into someone's account" than a real attack does); benign exemplars give the
+    contrast that makes a threshold meaningful.
+    """
+
+    name: str = Field(..., pattern=NAME_PATTERN, description="Rule name, reported in refusals and metrics.")
+    harmful: list[str] = Field(..., min_length=1, description="Examples of requests (or answers) to refuse.")
+    benign: list[str] = Field(default_factory=list, description="Nearby examples that must pass.")
+    threshold: float = Field(0.6, ge=-1.0, le=1.0, description="Minimum cosine similarity to the nearest harmful example.")
+    margin: float = Field(
+        0.05, ge=0.0, le=2.0, description="How much closer the nearest harmful example must be than the nearest benign one."
+    )
+    model: EmbeddingReward = Field(
+        default_factory=lambda: EmbeddingReward(type="embedding"),
+        description="Sentence-embedding model; default: the bundled all-MiniLM-L6-v2.",
+    )
+
+
 class FilterStepBase(StepBase):
-    rules: list[PatternRule] = Field(..., min_length=1, description="Pattern rules; the first match refuses.")
+    rules: list[PatternRule] = Field(default_factory=list, description="Pattern rules; the first match refuses.")
+    semantic: list[SemanticRule] = Field(
+        default_factory=list, description="Similarity rules, checked after the pattern rules."
+    )
     refusal: str | None = Field(None, description="Refusal text for this filter; defaults to the policy's.")
     on_error: Literal["refuse", "allow"] = Field(
         "refuse", description="Fail mode when the filter itself fails: refuse (fail closed) or allow (fail open)."
     )
+
+    @model_validator(mode="after")
+    def _has_rules(self) -> FilterStepBase:
+        if not self.rules and not self.semantic:
+            raise ValueError("a filter needs at least one entry in rules or semantic")
+        return self
 
 
 class InputFilterStep(FilterStepBase):

@@ -95,7 +95,7 @@ steps:
             "steps[0].rules[0]",
             "rule 'empty' has neither keywords nor regex",
         ),
-        ("name: p\nsteps:\n  - type: input_filter\n    rules: []\n", 4, "steps[0].rules", "at least 1 item"),
+        ("name: p\nsteps:\n  - type: input_filter\n    rules: []\n", 3, "steps[0]", "at least one entry in rules or semantic"),
         ("description: x\nname: p\nname: q\n", 3, "name", "duplicate key 'name'"),
     ],
 )

@@ -75,9 +75,9 @@ def test_two_steps_of_one_type_need_names() -> None:
         ),
         (
             {"name": "p", "steps": [{"type": "input_filter", "rules": []}]},
-            ("steps", 0, "input_filter", "rules"),
-            "too_short",
-            "at least 1 item",
+            ("steps", 0, "input_filter"),
+            "value_error",
+            "at least one entry in rules or semantic",
         ),
         (
             {"name": "p", "steps": [{"type": "input_filter", "rules": [{"name": "r"}]}]},
