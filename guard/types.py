@@ -106,7 +106,7 @@ class Refusal:
 class TraceEntry:
     step: str
     type: str
-    phase: Literal["before", "after"]
+    phase: Literal["before", "generate", "after", "select"]
     duration_seconds: float
     detail: dict[str, Any] = field(default_factory=dict)
 

@@ -3,7 +3,8 @@
 A request runs in three phases:
   1. `before(ctx)` of every step, in policy order: rewrite the request or refuse it
      (set `ctx.refusal`, and the upstream is never called);
-  2. one upstream call producing `ctx.candidates` (n of them when a step asked for n);
+  2. one upstream call producing `ctx.candidates` (n of them when a step asked for n), or the
+     `generate(ctx)` of a step that generates itself (best_of_n with early pruning);
   3. `after(ctx, candidate)` of every step, in policy order, for each candidate
      (extract an answer, refuse a candidate), then `select(ctx)` of the step that
      selects (best_of_n); without one, the first candidate that was not refused wins.
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from guard.types import GenerateInput, Message, Refusal, Sampling
+from guard.types import Completion, GenerateInput, Message, Refusal, Sampling
 
 if TYPE_CHECKING:
     from guard.policy.model import Policy
@@ -91,6 +92,13 @@ class Step(Generic[ConfigT]):
 
     async def select(self, ctx: Context) -> Candidate | None:
         """Pick the answer among ctx.candidates (only for steps with selects=True)."""
+        raise NotImplementedError
+
+    # True when generate() replaces the runner's single upstream call (set per instance).
+    generates: bool = False
+
+    async def generate(self, ctx: Context) -> Completion:
+        """Produce the candidates instead of the runner's one upstream call (only when generates is True)."""
         raise NotImplementedError
 
     @property

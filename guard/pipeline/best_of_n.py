@@ -8,12 +8,15 @@ candidates are scored on the text the client would receive.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from typing import Any
 
-from guard.pipeline.base import Candidate, Context, Step, register_step
+from guard.pipeline.base import Candidate, Context, Step, StepDeps, register_step
 from guard.policy.model import BestOfNStep
 from guard.rerank import RerankError
+from guard.types import Choice, Completion, Message
 
 
 @register_step("best_of_n")
@@ -21,8 +24,70 @@ class BestOfN(Step[BestOfNStep]):
     streamable = False  # the answer is known only once every candidate is complete
     selects = True
 
+    def __init__(self, config: BestOfNStep, deps: StepDeps) -> None:
+        super().__init__(config, deps)
+        self.generates = config.speculative_rejection is not None
+
     async def before(self, ctx: Context) -> None:
         ctx.sampling = ctx.sampling.with_(n=self.config.n, temperature=self.config.temperature, top_p=self.config.top_p)
+
+    async def generate(self, ctx: Context) -> Completion:
+        """Speculative rejection: grow all n candidates a chunk at a time, dropping the worst partial ones.
+
+        Runs before the other steps' after-hooks, so output filters and answer extraction still see
+        every surviving candidate's full text.
+        """
+        rejection = self.config.speculative_rejection
+        assert rejection is not None
+        reranker = self.deps.reranker
+        budget = ctx.sampling.max_tokens or 256
+        first = await self._extend(ctx, None, min(rejection.chunk_tokens, budget), n=self.config.n)
+        live = [[choice.text, choice.finish_reason] for choice in first.choices]
+        completion_tokens, grown, rounds = first.completion_tokens, min(rejection.chunk_tokens, budget), []
+        request = ctx.request
+        prompt = request.messages if request.messages is not None else (request.prompt or "")
+        while grown < budget:
+            unfinished = [i for i, (_, reason) in enumerate(live) if reason == "length"]
+            if not unfinished:
+                break
+            keep = max(rejection.min_candidates, math.ceil(len(unfinished) * rejection.keep_fraction))
+            if keep < len(unfinished):
+                try:
+                    scores = await reranker.score(self.config.reward, prompt, [live[i][0] for i in unfinished])
+                except RerankError as exc:
+                    if self.config.on_error == "fail":
+                        raise
+                    scores = [0.0] * len(unfinished)  # no signal: keep the first `keep`, as on_error=first would
+                    ctx.detail["error"] = str(exc)
+                ranked = sorted(zip(scores, unfinished), reverse=True)
+                pruned = {i for _, i in ranked[keep:]}
+                live = [entry for i, entry in enumerate(live) if i not in pruned]
+                rounds.append({"after_tokens": grown, "unfinished": len(unfinished), "pruned": len(pruned)})
+                unfinished = [i for i, (_, reason) in enumerate(live) if reason == "length"]
+            chunk = min(rejection.chunk_tokens, budget - grown)
+            extended = await asyncio.gather(*(self._extend(ctx, live[i][0], chunk, n=1) for i in unfinished))
+            for i, more in zip(unfinished, extended, strict=True):
+                live[i][0] += more.choices[0].text
+                live[i][1] = more.choices[0].finish_reason
+                completion_tokens += more.completion_tokens
+            grown += chunk
+        ctx.detail.update(
+            rounds=rounds, completion_tokens=completion_tokens, plain_best_of_n_tokens_at_most=self.config.n * budget
+        )
+        choices = tuple(Choice(index=i, text=text, finish_reason=reason) for i, (text, reason) in enumerate(live))
+        return Completion(choices, first.prompt_tokens, completion_tokens, first.model, first.upstream_url)
+
+    async def _extend(self, ctx: Context, partial: str | None, max_tokens: int, *, n: int) -> Completion:
+        """n fresh candidates (partial=None), or one continuation of a partial candidate."""
+        sampling = ctx.sampling.with_(n=n, max_tokens=max_tokens)
+        timeout = None if ctx.deadline is None else max(ctx.deadline - time.monotonic(), 0.001)
+        upstream = self.deps.upstream
+        if ctx.messages is not None:
+            if partial is None:
+                return await upstream.chat(ctx.model, ctx.messages, sampling, timeout=timeout)
+            messages = [*ctx.messages, Message("assistant", partial)]
+            return await upstream.chat(ctx.model, messages, sampling, timeout=timeout, continue_final_message=True)
+        return await upstream.complete(ctx.model, (ctx.prompt or "") + (partial or ""), sampling, timeout=timeout)
 
     async def select(self, ctx: Context) -> Candidate | None:
         config = self.config

@@ -32,6 +32,7 @@ class Pipeline:
         self.model = self.policy.model or default_model
         self.steps: list[Step] = [step_class(config.type)(config, deps) for config in self.policy.steps]
         self.selector = next((step for step in self.steps if step.selects), None)
+        self.generator = next((step for step in self.steps if step.generates), None)
         # Streaming passes deltas straight through only if no step needs the whole answer.
         self.streams_directly = all(step.streamable for step in self.steps)
 
@@ -115,7 +116,9 @@ class Pipeline:
             return self._refuse(result, ctx.refusal)
 
         upstream_started = time.perf_counter()
-        if ctx.messages is not None:
+        if self.generator is not None:
+            completion = await self._timed(ctx, self.generator, "generate", self.generator.generate(ctx), trace)
+        elif ctx.messages is not None:
             completion = await self.deps.upstream.chat(ctx.model, ctx.messages, ctx.sampling, timeout=self._remaining(ctx))
         else:
             completion = await self.deps.upstream.complete(

@@ -85,6 +85,16 @@ WeightedSource.model_rebuild()
 WeightedReward.model_rebuild()
 
 
+class SpeculativeRejection(_Strict):
+    """Early pruning (Sun et al. 2024): grow candidates in chunks, drop the lowest-scoring partial ones."""
+
+    chunk_tokens: int = Field(32, ge=1, le=4096, description="Tokens each live candidate grows between pruning rounds.")
+    keep_fraction: float = Field(
+        0.5, gt=0.0, lt=1.0, description="Fraction of unfinished candidates kept after each round (rounded up)."
+    )
+    min_candidates: int = Field(1, ge=1, description="Never prune below this many unfinished candidates.")
+
+
 class BestOfNConfig(_Strict):
     n: int = Field(4, ge=1, le=64, description="Candidates sampled in one upstream call.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature for the candidates.")
@@ -111,4 +121,9 @@ class BestOfNConfig(_Strict):
     on_error: Literal["fail", "first"] = Field(
         "fail",
         description="When the reward source fails: fail the request, or answer with the first candidate not refused.",
+    )
+    speculative_rejection: SpeculativeRejection | None = Field(
+        None,
+        description="Grow candidates in chunks and stop the lowest-scoring ones early instead of generating all n "
+        "to full length. Needs sampling.max_tokens (the policy's or the request's) to bound the rounds.",
     )

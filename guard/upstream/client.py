@@ -227,9 +227,19 @@ class UpstreamClient:
         return _parse_completion(payload, url, chat=False)
 
     async def chat(
-        self, model: str, messages: Sequence[Message], sampling: Sampling, *, timeout: float | None = None
+        self,
+        model: str,
+        messages: Sequence[Message],
+        sampling: Sampling,
+        *,
+        timeout: float | None = None,
+        continue_final_message: bool = False,
     ) -> Completion:
+        """`continue_final_message`: the last message is an unfinished assistant turn to extend (vLLM extension)."""
         body = {"model": model, "messages": _messages_body(messages), **_sampling_body(sampling)}
+        if continue_final_message:
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
         if sampling.logprobs is not None:
             body["logprobs"] = True
             body["top_logprobs"] = sampling.logprobs

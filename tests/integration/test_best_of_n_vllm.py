@@ -69,3 +69,32 @@ def test_score_rpc_errors(guard, bon_policy):
         guard.score("hi", ["x"], policy="default")
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details().startswith("policy:")
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_speculative_rejection_prunes_and_generates_fewer_tokens(guard, policy_dir, tiny_reward_dir, chat):
+    (policy_dir / "bon-sr.yaml").write_text(
+        "name: bon-sr\n"
+        "sampling: {max_tokens: 24, stop: ['never-appears-xyz']}\n"
+        "steps:\n"
+        "  - type: best_of_n\n"
+        "    n: 8\n"
+        "    temperature: 1.0\n"
+        f"    reward: {{type: sequence_classifier, path: '{tiny_reward_dir}'}}\n"
+        "    speculative_rejection: {chunk_tokens: 6, keep_fraction: 0.5}\n"
+    )
+    assert wait_for(lambda: "bon-sr" in {p.name for p in guard.list_policies()}, timeout=5)
+    prompt = [("user", "Tell me about the red car.")] if chat else "The red car"
+    answer = guard.generate(prompt, policy="bon-sr", seed=3, trace=True, timeout=120)
+    assert not answer.refused and answer.text
+    steps = {(s["type"], s["phase"]): s for s in answer.trace["steps"]}
+    generated = steps[("best_of_n", "generate")]["detail"]
+    rounds = generated["rounds"]
+    assert rounds and rounds[0]["after_tokens"] == 6
+    assert all(r["pruned"] > 0 for r in rounds)
+    # Plain best-of-8 would generate up to 8 × 24 tokens; pruning stops most candidates early.
+    assert answer.completion_tokens == generated["completion_tokens"] < 8 * 24
+    survivors = steps[("best_of_n", "select")]["detail"]["candidates"]
+    assert 1 <= len(survivors) < 8
+    chosen = int(steps[("best_of_n", "select")]["detail"]["chosen"])
+    assert survivors[chosen]["score"] == max(c["score"] for c in survivors)
