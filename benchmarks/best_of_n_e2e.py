@@ -23,7 +23,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from guard.client import GuardClient  # noqa: E402
-from guard.upstream.launcher import ManagedVLLM, free_port  # noqa: E402
+from benchmarks.harness import percentile, start_guard  # noqa: E402
+from guard.upstream.launcher import ManagedVLLM  # noqa: E402
 
 QUESTION = "Name three things people often keep in a kitchen."
 TEMPERATURE = 0.9
@@ -57,25 +57,6 @@ def policies(max_tokens: int) -> dict[str, str]:
         "bon-1.yaml": bon(1),
         "bon-4.yaml": bon(4),
     }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def start_guard(upstream: str, model: str, policy_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "guard.cli", "serve", "--upstream", upstream, "--model", model,
-        "--port", str(port), "--metrics-port", "0", "--policies", str(policy_dir), "--log-level", "WARNING",
-    ]
-    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    target = f"127.0.0.1:{port}"
-    if subprocess.run([sys.executable, "-m", "guard.cli", "health", "--target", target, "--wait", "120"]).returncode:
-        process.kill()
-        raise SystemExit(f"guard did not start; see {log}")
-    return process, target
 
 
 def main() -> None:

@@ -1,0 +1,29 @@
+"""Shared by the benchmarks: a `guard serve` subprocess and percentile arithmetic."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from guard.upstream.launcher import free_port
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def start_guard(upstream: str, model: str, policy_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`guard serve` in front of `upstream`; returns the process and its gRPC target once SERVING."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "guard.cli", "serve", "--upstream", upstream, "--model", model,
+        "--port", str(port), "--metrics-port", "0", "--policies", str(policy_dir), "--log-level", "WARNING",
+    ]
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    if subprocess.run([sys.executable, "-m", "guard.cli", "health", "--target", target, "--wait", "120"]).returncode:
+        process.kill()
+        raise SystemExit(f"guard did not start; see {log}")
+    return process, target
