@@ -5,6 +5,7 @@ The only module besides convert.py that touches generated protobuf code.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -14,7 +15,7 @@ import grpc
 
 from guard import metrics
 from guard.pipeline.runner import Pipelines, TextDelta
-from guard.policy.store import PolicyStore, UnknownPolicy
+from guard.policy.store import PolicyStore
 from guard.server import convert
 from guard.server.errors import Invalid, InvalidArgument, status_for
 from guard.types import GenerateResult
@@ -47,7 +48,8 @@ def _observe(rpc: str):
     try:
         yield observation
     except BaseException as exc:
-        if isinstance(exc, GeneratorExit) or type(exc).__name__ == "CancelledError":
+        # A client that cancels (or drops a stream) shows up as CancelledError / GeneratorExit here.
+        if isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
             observation.outcome = grpc.StatusCode.CANCELLED.name
         else:
             observation.outcome = status_for(exc)[0].name
@@ -132,5 +134,3 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
                 scores=scores, best_index=best, policy=loaded.policy.name, policy_version=loaded.version
             )
 
-
-__all__ = ["GuardServicer", "UnknownPolicy"]
