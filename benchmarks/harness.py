@@ -27,3 +27,12 @@ def start_guard(upstream: str, model: str, policy_dir: Path, log: Path) -> tuple
         process.kill()
         raise SystemExit(f"guard did not start; see {log}")
     return process, target
+
+
+def upstream_model(model_dir: str | None) -> tuple[str, str, str]:
+    """(model directory, served name, dtype): the given directory in fp32, or the bundled Gemma in bf16."""
+    if model_dir:
+        return model_dir, "bench-model", "float32"
+    from guard.upstream.default_model import DEFAULT_MODEL_NAME, prepare_default_model
+
+    return str(prepare_default_model()), DEFAULT_MODEL_NAME, "bfloat16"

@@ -27,7 +27,7 @@ from time import perf_counter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import start_guard  # noqa: E402
+from benchmarks.harness import start_guard, upstream_model  # noqa: E402
 from guard.client import GuardClient  # noqa: E402
 from guard.upstream.launcher import ManagedVLLM  # noqa: E402
 
@@ -64,6 +64,7 @@ def chosen_score(trace: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", help="model for vLLM (default: the bundled Gemma 3 270M)")
+    parser.add_argument("--max-model-len", type=int, default=1024, help="vLLM context length (at most the model's)")
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--chunk-tokens", type=int, default=16)
@@ -73,12 +74,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speculative_rejection.json")
     args = parser.parse_args()
 
-    if args.model_dir:
-        model_dir, served, dtype = args.model_dir, "bench-model", "float32"
-    else:
-        from guard.upstream.default_model import DEFAULT_MODEL_NAME, prepare_default_model
-
-        model_dir, served, dtype = str(prepare_default_model()), DEFAULT_MODEL_NAME, "bfloat16"
+    model_dir, served, dtype = upstream_model(args.model_dir)
 
     workdir = Path(tempfile.mkdtemp(prefix="guard-sr-"))
     policy_dir = workdir / "policies"
@@ -91,7 +87,7 @@ def main() -> None:
         )
     )
     rows: dict[str, list[dict]] = {"plain": [], "pruned": []}
-    with ManagedVLLM(model_dir, served_model_name=served, dtype=dtype, max_model_len=1024, log_path=workdir / "vllm.log") as vllm:
+    with ManagedVLLM(model_dir, served_model_name=served, dtype=dtype, max_model_len=args.max_model_len, log_path=workdir / "vllm.log") as vllm:
         guard_process, target = start_guard(vllm.url, served, policy_dir, workdir / "guard.log")
         try:
             with GuardClient(target) as guard:
