@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from guard.client import GuardClient  # noqa: E402
-from benchmarks.harness import percentile, start_guard, upstream_model  # noqa: E402
+from benchmarks.harness import latency_row, start_guard, upstream_model  # noqa: E402
 from guard.upstream.launcher import ManagedVLLM  # noqa: E402
 
 QUESTION = "Name three things people often keep in a kitchen."
@@ -116,13 +116,7 @@ def main() -> None:
 
     base = statistics.median(samples["default"])
     results = {
-        name: {
-            "median_ms": statistics.median(values) * 1e3,
-            "p90_ms": percentile(values, 0.9) * 1e3,
-            "ratio_to_default": statistics.median(values) / base,
-            "median_completion_tokens": statistics.median(tokens[name]),
-            "n": len(values),
-        }
+        name: {**latency_row(values, base), "median_completion_tokens": statistics.median(tokens[name])}
         for name, values in samples.items()
     }
     ratio = statistics.median(samples["bon-4"]) / statistics.median(samples["bon-1"])
@@ -132,7 +126,7 @@ def main() -> None:
     print(f"vLLM start {vllm_start:.1f}s, guard start {guard_start:.1f}s\n")
     print(f"{'policy':10} {'median ms':>10} {'p90 ms':>10} {'÷ default':>10} {'tokens':>7}")
     for name, row in results.items():
-        print(f"{name:10} {row['median_ms']:10.1f} {row['p90_ms']:10.1f} {row['ratio_to_default']:10.3f} "
+        print(f"{name:10} {row['median_ms']:10.1f} {row['p90_ms']:10.1f} {row['ratio_to_baseline']:10.3f} "
               f"{row['median_completion_tokens']:7.0f}")
     verdict = "meets" if ratio <= TARGET_RATIO else "misses"
     print(f"\nbon-4 ÷ bon-1: {ratio:.3f} (median of per-round ratios {paired:.3f}); {verdict} the ≤ {TARGET_RATIO}× target")

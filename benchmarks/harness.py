@@ -1,7 +1,8 @@
-"""Shared by the benchmarks: a `guard serve` subprocess and percentile arithmetic."""
+"""Shared by the benchmarks: a `guard serve` subprocess, the upstream model, latency summaries."""
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,18 @@ from guard.upstream.launcher import free_port
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def latency_row(values: list[float], baseline_median: float) -> dict[str, float]:
+    """Median / p90 in ms and the ratio of the median to the same run's baseline median."""
+    median = statistics.median(values)
+    return {
+        "median_ms": median * 1e3,
+        "p90_ms": percentile(values, 0.9) * 1e3,
+        "ratio_to_baseline": median / baseline_median,
+        "overhead_ms": (median - baseline_median) * 1e3,
+        "n": len(values),
+    }
 
 
 def start_guard(upstream: str, model: str, policy_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:

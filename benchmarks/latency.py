@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from guard.client import GuardClient  # noqa: E402
-from benchmarks.harness import percentile, start_guard, upstream_model  # noqa: E402
+from benchmarks.harness import latency_row, start_guard, upstream_model  # noqa: E402
 from guard.upstream.launcher import ManagedVLLM  # noqa: E402
 
 QUESTION = "Name three things people often keep in a kitchen."
@@ -99,21 +99,12 @@ def main() -> None:
             guard_process.wait(30)
 
     base = statistics.median(samples["direct"])
-    results = {
-        name: {
-            "median_ms": statistics.median(values) * 1e3,
-            "p90_ms": percentile(values, 0.9) * 1e3,
-            "ratio_to_direct": statistics.median(values) / base,
-            "overhead_ms": (statistics.median(values) - base) * 1e3,
-            "n": len(values),
-        }
-        for name, values in samples.items()
-    }
+    results = {name: latency_row(values, base) for name, values in samples.items()}
     print(f"\nmodel {served} ({model_dir}), max_tokens {args.max_tokens}, {args.requests} interleaved rounds")
     print(f"vLLM start {vllm_start:.1f}s, guard start {guard_start:.1f}s\n")
     print(f"{'mode':16} {'median ms':>10} {'p90 ms':>10} {'÷ direct':>9} {'overhead ms':>12}")
     for name, row in results.items():
-        print(f"{name:16} {row['median_ms']:10.1f} {row['p90_ms']:10.1f} {row['ratio_to_direct']:9.3f} {row['overhead_ms']:12.1f}")
+        print(f"{name:16} {row['median_ms']:10.1f} {row['p90_ms']:10.1f} {row['ratio_to_baseline']:9.3f} {row['overhead_ms']:12.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
