@@ -1,4 +1,4 @@
-"""The `guard` command: serve, ask, health, policy check|schema, model prepare."""
+"""The `guard` command: serve, ask, health, policy check|schema, filter train, model prepare."""
 
 from __future__ import annotations
 
@@ -104,9 +104,14 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _policy_check(args: argparse.Namespace) -> int:
+    from guard.pipeline.base import StepDeps
+    from guard.pipeline.runner import Pipelines
     from guard.policy.loader import load_policy_dir
+    from guard.safety.embedder import Embedders
 
-    result = load_policy_dir(Path(args.directory))
+    # Build every pipeline as the server would (rules compiled, artefacts loaded), without an upstream.
+    pipelines = Pipelines(StepDeps(upstream=None, embedders=Embedders()), default_model="")  # type: ignore[arg-type]
+    result = load_policy_dir(Path(args.directory), build=pipelines.build)
     for loaded in sorted(result.policies.values(), key=lambda p: p.policy.name):
         print(f"ok     {loaded.source}  {loaded.policy.name}@{loaded.version}  steps: {', '.join(s.type for s in loaded.policy.steps) or '-'}")
     for error in result.errors.values():
@@ -115,6 +120,28 @@ def _policy_check(args: argparse.Namespace) -> int:
         print(f"error  {args.directory}: no *.yaml policy files", file=sys.stderr)
         return 1
     return 1 if result.errors else 0
+
+
+def _filter_train(args: argparse.Namespace) -> int:
+    from guard.safety.classifier import save_artefact
+    from guard.safety.train import train
+
+    logging.basicConfig(level="WARNING")
+    artefact = train(
+        [Path(p) for p in args.data],
+        head=args.head,
+        encoder=args.encoder,
+        target_fpr=args.target_fpr,
+        validation_fraction=args.validation_fraction,
+        seed=args.seed,
+    )
+    save_artefact(artefact, Path(args.output))
+    validation = artefact.training["validation"]
+    print(f"wrote {args.output}: head {args.head}, threshold {artefact.threshold:.4f}")
+    for label in ("harmful", "benign", "borderline"):
+        if f"n_{label}" in validation:
+            print(f"  validation {label:10s} refused {validation[f'refused_{label}']:6.1%} of {validation[f'n_{label}']}")
+    return 0
 
 
 def _policy_schema(args: argparse.Namespace) -> int:
@@ -185,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     schema = policy.add_parser("schema", help="print the JSON Schema of the policy format")
     schema.add_argument("--output", "-o", help="write to this file instead of stdout")
     schema.set_defaults(func=_policy_schema)
+
+    filters = commands.add_parser("filter", help="build filter artefacts").add_subparsers(dest="filter_command", required=True)
+    train = filters.add_parser("train", help="train a classifier artefact from labelled JSONL prompt files")
+    train.add_argument("data", nargs="+", help='JSONL files of {"text": ..., "label": "harmful"|"benign"|"borderline"}')
+    train.add_argument("--output", "-o", required=True, help="artefact to write (JSON)")
+    train.add_argument("--head", choices=["logistic", "mlp"], default="mlp")
+    train.add_argument("--encoder", help="sentence-transformers model directory [bundled all-MiniLM-L6-v2]")
+    train.add_argument("--target-fpr", type=float, default=0.04, help="most benign and borderline validation prompts refused [0.04]")
+    train.add_argument("--validation-fraction", type=float, default=0.2)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=_filter_train)
 
     model = commands.add_parser("model", help="manage the bundled default model").add_subparsers(dest="model_command", required=True)
     prepare = model.add_parser("prepare", help="convert the bundled Gemma 3 270M GGUF for vLLM (cached)")

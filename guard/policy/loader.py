@@ -15,6 +15,7 @@ import hashlib
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
@@ -48,6 +49,18 @@ class PolicyError(Exception):
         super().__init__("\n".join(str(issue) for issue in issues))
 
 
+class PolicyBuildError(Exception):
+    """A valid policy whose steps cannot be built (a model or artefact that does not load, ...).
+
+    `loc` points into the policy, e.g. ("steps", 2), so the error can name the line.
+    """
+
+    def __init__(self, loc: Loc, reason: str) -> None:
+        super().__init__(reason)
+        self.loc = loc
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class LoadedPolicy:
     policy: Policy
@@ -65,8 +78,17 @@ def content_version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:VERSION_LENGTH]
 
 
-def load_policy_text(text: str, source: str, *, expect_name: str | None = None) -> LoadedPolicy:
-    """Validates one policy document. `expect_name`: the name the policy must have (its file stem)."""
+Builder = Callable[["LoadedPolicy"], object]
+
+
+def load_policy_text(
+    text: str, source: str, *, expect_name: str | None = None, build: Builder | None = None
+) -> LoadedPolicy:
+    """Validates one policy document. `expect_name`: the name the policy must have (its file stem).
+
+    `build` (the server's pipeline builder) runs on the valid policy, so what cannot run is rejected
+    at load time like any other error, and the last good version keeps serving.
+    """
     node, data = _parse(text, source)
     issues = _duplicate_keys(node, source, ())
     try:
@@ -80,16 +102,23 @@ def load_policy_text(text: str, source: str, *, expect_name: str | None = None) 
         line = _locate(node, data, ("name",))[1]
         reason = f"policy name {policy.name!r} must match its file name (expected {expect_name!r})"
         raise PolicyError([PolicyIssue(source, line, "name", reason)])
-    return LoadedPolicy(policy, content_version(text.encode()), source)
+    loaded = LoadedPolicy(policy, content_version(text.encode()), source)
+    if build is not None:
+        try:
+            build(loaded)
+        except PolicyBuildError as exc:
+            line = _locate(node, data, exc.loc)[1]
+            raise PolicyError([PolicyIssue(source, line, format_path(exc.loc), exc.reason)]) from None
+    return loaded
 
 
-def load_policy_file(path: Path | str) -> LoadedPolicy:
+def load_policy_file(path: Path | str, *, build: Builder | None = None) -> LoadedPolicy:
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError([PolicyIssue(str(path), None, "", f"cannot read: {exc}")]) from None
-    return load_policy_text(text, str(path), expect_name=path.stem)
+    return load_policy_text(text, str(path), expect_name=path.stem, build=build)
 
 
 def policy_files(directory: Path) -> list[Path]:
@@ -101,7 +130,7 @@ def policy_files(directory: Path) -> list[Path]:
     )
 
 
-def load_policy_dir(directory: Path | str) -> LoadResult:
+def load_policy_dir(directory: Path | str, *, build: Builder | None = None) -> LoadResult:
     """Loads every policy file; a broken file is reported and the others still load.
 
     Two files defining one name (`a.yaml` and `a.yml`): the first in sorted order wins.
@@ -109,7 +138,7 @@ def load_policy_dir(directory: Path | str) -> LoadResult:
     result = LoadResult()
     for path in policy_files(Path(directory)):
         try:
-            loaded = load_policy_file(path)
+            loaded = load_policy_file(path, build=build)
         except PolicyError as exc:
             result.errors[str(path)] = exc
             continue

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from guard.policy.loader import (
+    Builder,
     LoadedPolicy,
     PolicyError,
     duplicate_name_error,
@@ -41,10 +42,18 @@ class UnknownPolicy(KeyError):
 
 
 class PolicyStore:
-    def __init__(self, directory: Path | str | None, default_policy: str = "default", poll_interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        directory: Path | str | None,
+        default_policy: str = "default",
+        poll_interval: float = 0.5,
+        *,
+        build: Builder | None = None,
+    ) -> None:
         self.directory = Path(directory) if directory is not None else None  # None: a fixed set (tests)
         self.default_policy = default_policy
         self.poll_interval = poll_interval
+        self._build = build  # e.g. the pipeline builder: a policy that cannot run is rejected like a bad one
         # Bumped whenever the set of served policies or any version changes.
         self.generation = 0
         self.last_errors: dict[str, PolicyError] = {}  # by file
@@ -114,7 +123,7 @@ class PolicyStore:
     def _load(self, file: str) -> ReloadResult | None:
         previous = self._good.get(file)
         try:
-            loaded = load_policy_file(file)
+            loaded = load_policy_file(file, build=self._build)
             owner = next((f for f, p in self._good.items() if f != file and p.policy.name == loaded.policy.name), None)
             if owner is not None:
                 raise duplicate_name_error(Path(file), loaded.policy.name, owner)

@@ -16,6 +16,7 @@ from guard.pipeline.base import StepDeps
 from guard.pipeline.runner import Pipelines
 from guard.policy.store import PolicyStore
 from guard.rerank import Reranker
+from guard.safety.embedder import Embedders
 from guard.server.interceptors import ExceptionInterceptor
 from guard.server.servicer import GuardServicer
 from guard.settings import Settings
@@ -35,10 +36,18 @@ class GuardApp:
         self.settings = settings
         self.upstream = upstream
         self.model = model
-        self.store = PolicyStore(settings.policies, default_policy=settings.default_policy, poll_interval=settings.poll_seconds)
-        self.store.on_reload(self._count_reload)
         self.reranker = Reranker(observer=metrics.RerankMetrics())
-        self.pipelines = Pipelines(StepDeps(upstream=upstream, reranker=self.reranker), default_model=model)
+        self.embedders = Embedders()
+        self.deps = StepDeps(upstream=upstream, reranker=self.reranker, embedders=self.embedders, default_model=model)
+        self.pipelines = Pipelines(self.deps, default_model=model)
+        # Policies are built as they load: one whose steps cannot run is rejected, the last good one serves.
+        self.store = PolicyStore(
+            settings.policies,
+            default_policy=settings.default_policy,
+            poll_interval=settings.poll_seconds,
+            build=self.pipelines.build,
+        )
+        self.store.on_reload(self._count_reload)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[ExceptionInterceptor()],
@@ -99,6 +108,9 @@ class GuardApp:
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         await self.store.stop()
         await self.reranker.close()
+        self.embedders.close()
+        for client in self.deps.other_upstreams.values():
+            await client.close()
         await self.upstream.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

@@ -8,7 +8,7 @@ import yaml
 from guard.pipeline import filters  # noqa: F401 - registers the steps
 from guard.pipeline.base import Context, StepDeps, step_class
 from guard.policy.model import Policy
-from guard.rerank import Reranker, RerankError
+from guard.safety.embedder import Embedders
 from guard.types import GenerateInput, Message, Sampling
 
 POLICY = """
@@ -33,16 +33,16 @@ steps:
 
 
 @pytest.fixture(scope="module")
-async def reranker():
-    service = Reranker()
-    yield service
-    await service.close()
+def embedders():
+    runtime = Embedders()
+    yield runtime
+    runtime.close()
 
 
-def build(reranker, on_error="refuse"):
+def build(embedders, on_error="refuse"):
     policy = Policy.model_validate(yaml.safe_load(POLICY.format(on_error=on_error)))
     config = policy.steps[0]
-    return policy, step_class(config.type)(config, StepDeps(upstream=None, reranker=reranker))  # type: ignore[arg-type]
+    return policy, step_class(config.type)(config, StepDeps(upstream=None, embedders=embedders))  # type: ignore[arg-type]
 
 
 async def check(step, policy, text):
@@ -61,8 +61,8 @@ async def check(step, policy, text):
         ("What is the capital of France?", False),
     ],
 )
-async def test_semantic_rule_separates_harmful_from_nearby_benign(reranker, text, refused):
-    policy, step = build(reranker)
+async def test_semantic_rule_separates_harmful_from_nearby_benign(embedders, text, refused):
+    policy, step = build(embedders)
     ctx = await check(step, policy, text)
     assert (ctx.refusal is not None) == refused, ctx.detail
     similarity = ctx.detail["similarity"]["account-takeover"]
@@ -71,14 +71,14 @@ async def test_semantic_rule_separates_harmful_from_nearby_benign(reranker, text
         assert ctx.refusal.rule == "account-takeover" and ctx.refusal.text == "No."
 
 
-class BrokenReranker:
-    async def score(self, *args, **kwargs):
-        raise RerankError("embedding model failed to load")
+class BrokenEmbedders:
+    async def encode(self, *args, **kwargs):
+        raise RuntimeError("embedding model failed to load")
 
 
 @pytest.mark.parametrize(("on_error", "refused"), [("refuse", True), ("allow", False)])
 async def test_semantic_rule_failure_follows_the_fail_mode(on_error, refused):
-    policy, step = build(BrokenReranker(), on_error=on_error)
+    policy, step = build(BrokenEmbedders(), on_error=on_error)
     ctx = await check(step, policy, "hello")
     assert (ctx.refusal is not None) == refused
     if refused:

@@ -95,7 +95,7 @@ steps:
             "steps[0].rules[0]",
             "rule 'empty' has neither keywords nor regex",
         ),
-        ("name: p\nsteps:\n  - type: input_filter\n    rules: []\n", 3, "steps[0]", "at least one entry in rules or semantic"),
+        ("name: p\nsteps:\n  - type: input_filter\n    rules: []\n", 3, "steps[0]", "at least one entry in rules, semantic, classifiers or guard_models"),
         ("description: x\nname: p\nname: q\n", 3, "name", "duplicate key 'name'"),
     ],
 )

@@ -77,7 +77,7 @@ def test_two_steps_of_one_type_need_names() -> None:
             {"name": "p", "steps": [{"type": "input_filter", "rules": []}]},
             ("steps", 0, "input_filter"),
             "value_error",
-            "at least one entry in rules or semantic",
+            "at least one entry in rules, semantic, classifiers or guard_models",
         ),
         (
             {"name": "p", "steps": [{"type": "input_filter", "rules": [{"name": "r"}]}]},

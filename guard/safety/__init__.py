@@ -1,0 +1,1 @@
+"""Safety rules: text normalisation, patterns, embeddings, trained classifiers, guard models."""
