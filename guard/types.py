@@ -69,6 +69,9 @@ class Choice:
     finish_reason: str | None = None
     # Per-token log-probabilities of the sampled tokens, when asked for.
     token_logprobs: tuple[float, ...] | None = None
+    # Per position, the most likely alternatives {token text: logprob} (the sampled token included),
+    # when asked for (Sampling.logprobs = K alternatives).
+    top_logprobs: tuple[dict[str, float], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -330,16 +330,27 @@ def _parse_completion(payload: dict[str, Any], url: str, *, chat: bool) -> Compl
                 text = (raw.get("message") or {}).get("content") or ""
                 lp = raw.get("logprobs") or {}
                 token_logprobs = tuple(t["logprob"] for t in lp.get("content") or []) or None
+                # [{token, logprob, bytes}, ...] per position
+                top_logprobs = tuple(
+                    {str(alt["token"]): float(alt["logprob"]) for alt in t.get("top_logprobs") or []}
+                    for t in lp.get("content") or []
+                ) or None
             else:
                 text = raw.get("text") or ""
                 lp = raw.get("logprobs") or {}
                 token_logprobs = tuple(x for x in (lp.get("token_logprobs") or []) if x is not None) or None
+                # {token: logprob} per position (None where the server has none, e.g. an echoed first token)
+                top_logprobs = tuple(
+                    {str(token): float(logprob) for token, logprob in (alts or {}).items()}
+                    for alts in lp.get("top_logprobs") or []
+                ) or None
             choices.append(
                 Choice(
                     index=int(raw.get("index", len(choices))),
                     text=str(text),
                     finish_reason=raw.get("finish_reason"),
                     token_logprobs=token_logprobs,
+                    top_logprobs=top_logprobs,
                 )
             )
         usage = payload.get("usage") or {}
