@@ -123,21 +123,23 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 
 def _filter_train(args: argparse.Namespace) -> int:
-    from guard.safety.classifier import save_artefact
-    from guard.safety.train import train
+    from guard.safety.train import save, train
 
     logging.basicConfig(level="WARNING")
-    artefact = train(
+    trained = train(
         [Path(p) for p in args.data],
         head=args.head,
         encoder=args.encoder,
         target_fpr=args.target_fpr,
         validation_fraction=args.validation_fraction,
         seed=args.seed,
+        finetune_layers=args.finetune_layers,
+        epochs=args.epochs,
     )
-    save_artefact(artefact, Path(args.output))
+    save(trained, Path(args.output))
+    artefact = trained.artefact
     validation = artefact.training["validation"]
-    print(f"wrote {args.output}: head {args.head}, threshold {artefact.threshold:.4f}")
+    print(f"wrote {args.output}: head {artefact.training['head']}, threshold {artefact.threshold:.4f}")
     for label in ("harmful", "benign", "borderline"):
         if f"n_{label}" in validation:
             print(f"  validation {label:10s} refused {validation[f'refused_{label}']:6.1%} of {validation[f'n_{label}']}")
@@ -222,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--target-fpr", type=float, default=0.04, help="most benign and borderline validation prompts refused [0.04]")
     train.add_argument("--validation-fraction", type=float, default=0.2)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--finetune-layers", type=int, default=0, help="also train the encoder's top N layers [0: frozen]")
+    train.add_argument("--epochs", type=int, default=4, help="epochs when fine-tuning [4]")
     train.set_defaults(func=_filter_train)
 
     model = commands.add_parser("model", help="manage the bundled default model").add_subparsers(dest="model_command", required=True)

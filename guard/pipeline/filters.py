@@ -27,10 +27,11 @@ from guard import metrics
 from guard.pipeline.base import Candidate, Context, Step, StepDeps, register_step
 from guard.policy.model import FilterStepBase, InputFilterStep, OutputFilterStep
 from guard.safety.classifier import load_artefact
+from guard.safety.embedder import model_path
 from guard.safety.guard_model import GuardModelChecker
 from guard.safety.normalize import views
 from guard.safety.patterns import PatternSet
-from guard.safety.windows import all_windows, windows
+from guard.safety.windows import TooManyWindows, all_windows, windows
 from guard.types import Message, Refusal
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,10 @@ class _Filter(Step[FilterStepBase]):
             artefact, head = load_artefact(rule.artefact)
             self.classifiers.append((rule, artefact, head, rule.threshold if rule.threshold is not None else artefact.threshold))
         self.guard_models = [GuardModelChecker(rule, deps.upstream_at(rule.url), deps.default_model) for rule in config.guard_models]
-        self._exemplars: dict[str, asyncio.Future[tuple[np.ndarray, np.ndarray]]] = {}
+        # A model directory that is not there fails the policy at load, not its first request.
+        for model in {rule.model.model for rule in config.semantic} | {artefact.encoder for _, artefact, _, _ in self.classifiers}:
+            model_path(model)
+        self._exemplars: dict[str, asyncio.Future[np.ndarray]] = {}
         if (config.semantic or config.classifiers) and deps.embedders is None:
             raise ValueError("semantic and classifier rules need an embedding runtime")
 
@@ -79,20 +83,20 @@ class _Filter(Step[FilterStepBase]):
             return matched
         plain_views = [v[0] for v in text_views]
         folded_views = [v[1] for v in text_views if len(v) > 1]
-        embedded: dict[tuple[str | None, int, int], tuple[list[str], np.ndarray]] = {}
+        embedded: dict[tuple[str | None, str | None, int, int], np.ndarray] = {}
 
-        async def embed(model: str | None, words: int, stride: int, limit: int, rule: str) -> np.ndarray:
-            key = (model, words, stride)
+        async def embed(model: str | None, patch: str | None, words: int, stride: int, limit: int, rule: str) -> np.ndarray:
+            key = (model, patch, words, stride)
             if key not in embedded:
                 try:
                     chunks = all_windows([*plain_views, *folded_views], words=words, stride=stride, limit=limit)
-                except ValueError as exc:
+                except TooManyWindows as exc:
                     raise FilterError(rule, str(exc), self.config.on_error) from exc
-                embedded[key] = (chunks, await self.deps.embedders.encode(model, chunks))
-            return embedded[key][1]
+                embedded[key] = await self.deps.embedders.encode(model, chunks, patch)
+            return embedded[key]
 
         for rule in self.config.semantic:
-            vectors = await embed(rule.model.model, SEMANTIC_WINDOW_WORDS, SEMANTIC_WINDOW_STRIDE, SEMANTIC_MAX_WINDOWS, rule.name)
+            vectors = await embed(rule.model.model, None, SEMANTIC_WINDOW_WORDS, SEMANTIC_WINDOW_STRIDE, SEMANTIC_MAX_WINDOWS, rule.name)
             harmful_ex, benign_ex = await self._exemplar_vectors(rule)
             if not len(vectors):
                 continue
@@ -105,7 +109,7 @@ class _Filter(Step[FilterStepBase]):
 
         for rule, artefact, head, threshold in self.classifiers:
             words, stride = artefact.windows.words, artefact.windows.stride
-            vectors = await embed(artefact.encoder, words, stride, rule.max_windows, rule.name)
+            vectors = await embed(artefact.encoder, artefact.encoder_patch, words, stride, rule.max_windows, rule.name)
             if not len(vectors):
                 continue
             score = float(head.probabilities(vectors).max())

@@ -8,12 +8,14 @@ a policy file can be validated without importing the pipeline.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from guard.policy.guard_model import GuardModelRule
 from guard.policy.reward import BestOfNConfig, EmbeddingReward
+from guard.safety.classifier import load_artefact
+from guard.safety.patterns import compile_rule
 from guard.types import Sampling
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -74,34 +76,35 @@ class PatternRule(Strict):
     keywords: list[str] = Field(
         default_factory=list, description="Words or phrases matched case-insensitively on word boundaries."
     )
-    regex: list[str] = Field(default_factory=list, description="Regular expressions, matched case-insensitively.")
+    regex: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions (Python `regex` syntax), matched case-insensitively against the normalised text.",
+    )
 
     @field_validator("regex")
     @classmethod
     def _regexes_compile(cls, patterns: list[str]) -> list[str]:
         for pattern in patterns:
             try:
-                re.compile(pattern)
-            except re.error as exc:
+                compile_rule((), (pattern,))
+            except Exception as exc:  # noqa: BLE001 - regex.error and friends
                 raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
         return patterns
 
     @model_validator(mode="after")
-    def _not_empty(self) -> PatternRule:
+    def _compiles(self) -> PatternRule:
         if not self.keywords and not self.regex:
             raise ValueError(f"rule {self.name!r} has neither keywords nor regex")
+        # Each regex compiled alone is not enough: compile exactly what runs, the rule's joined alternation.
+        try:
+            compile_rule(self.keywords, self.regex)
+        except Exception as exc:  # noqa: BLE001 - regex.error and friends
+            raise ValueError(f"rule {self.name!r}: its patterns do not compile together: {exc}") from exc
         return self
 
-    def compiled(self) -> re.Pattern[str]:
-        """One case-insensitive alternation: keywords on word boundaries, regexes as written."""
-        # Any run of whitespace between a keyword's words still matches ("make  meth").
-        words = [re.escape(keyword).replace(r"\ ", r"\s+") for keyword in self.keywords]
-        # Not `\b`: next to a keyword's own punctuation ("c++", ".onion") `\b` would demand a
-        # word character, so the keyword could never match on its own. No word character
-        # may touch either end instead; for keywords that start and end in one, that is `\b`.
-        alternatives = [rf"(?<!\w){escaped}(?!\w)" for escaped in words]
-        alternatives += [f"(?:{pattern})" for pattern in self.regex]
-        return re.compile("|".join(alternatives), re.IGNORECASE)
+    def compiled(self):
+        """The exact pattern the filter steps search each normalised view with."""
+        return compile_rule(self.keywords, self.regex)
 
 
 class SemanticRule(Strict):
@@ -125,32 +128,76 @@ class SemanticRule(Strict):
     )
 
 
+class ClassifierRule(Strict):
+    """A trained classifier over sentence embeddings (see `guard filter train`)."""
+
+    name: str = Field(..., pattern=NAME_PATTERN, description="Rule name, reported in refusals and metrics.")
+    artefact: str | None = Field(
+        None, description="Path of a classifier artefact (JSON) written by `guard filter train`; default: the shipped one."
+    )
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Refuse at this P(harmful) or above; default: the artefact's validated threshold."
+    )
+    max_windows: int = Field(
+        64, ge=1, le=4096, description="Most encoder windows one request may need; beyond that the filter's on_error applies."
+    )
+
+    @model_validator(mode="after")
+    def _artefact_loads(self) -> ClassifierRule:
+        load_artefact(self.artefact)  # raises ValueError naming the file
+        return self
+
+
 class FilterStepBase(StepBase):
     rules: list[PatternRule] = Field(default_factory=list, description="Pattern rules; the first match refuses.")
     semantic: list[SemanticRule] = Field(
         default_factory=list, description="Similarity rules, checked after the pattern rules."
     )
+    classifiers: list[ClassifierRule] = Field(
+        default_factory=list, description="Trained classifier rules, checked after the similarity rules."
+    )
+    guard_models: list[GuardModelRule] = Field(
+        default_factory=list, description="Safety models served by vLLM (Llama Guard, ShieldGemma, ...), checked last."
+    )
     refusal: str | None = Field(None, description="Refusal text for this filter; defaults to the policy's.")
     on_error: Literal["refuse", "allow"] = Field(
         "refuse", description="Fail mode when the filter itself fails: refuse (fail closed) or allow (fail open)."
     )
+    max_chars: int = Field(
+        1_000_000, ge=1, description="Longest text the filter checks; longer input is a filter error (see on_error)."
+    )
+    pattern_budget_seconds: float = Field(
+        0.5, gt=0.0, le=60.0, description="Time budget of one pattern rule on one text; overrun is a filter error."
+    )
 
     @model_validator(mode="after")
     def _has_rules(self) -> FilterStepBase:
-        if not self.rules and not self.semantic:
-            raise ValueError("a filter needs at least one entry in rules or semantic")
+        if not (self.rules or self.semantic or self.classifiers or self.guard_models):
+            raise ValueError("a filter needs at least one entry in rules, semantic, classifiers or guard_models")
         return self
 
 
 class InputFilterStep(FilterStepBase):
     type: Literal["input_filter"]
     roles: list[Literal["system", "user", "assistant"]] = Field(
-        default_factory=lambda: ["user"], description="Chat roles whose content is checked."
+        default_factory=lambda: ["system", "user", "assistant"],
+        description="Client chat roles whose content is checked (all by default: a client system message or an "
+        "assistant prefill is client text too). Text a policy step adds is never checked.",
     )
 
 
 class OutputFilterStep(FilterStepBase):
     type: Literal["output_filter"]
+    stream_holdback_chars: int = Field(
+        128,
+        ge=0,
+        description="While streaming, the newest characters withheld from the client until a check has seen them "
+        "followed by this many more. Must be at least the longest span a rule can match, so that no part of a "
+        "match is released before the match is seen.",
+    )
+    stream_check_every_chars: int = Field(
+        32, ge=1, description="While streaming, check the answer again after this many new characters."
+    )
 
 
 class BestOfNStep(StepBase, BestOfNConfig):

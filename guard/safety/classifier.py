@@ -42,6 +42,9 @@ class WindowSettings(_Strict):
 class Artefact(_Strict):
     format: Literal["guard-classifier/1"]
     encoder: str | None = Field(None, description="Sentence-transformers model directory; None: bundled MiniLM.")
+    encoder_patch: str | None = Field(
+        None, description="safetensors file of fine-tuned encoder weights applied over `encoder`, relative to the artefact."
+    )
     dim: int
     view: Literal["plain"] = "plain"
     layers: list[Layer]
@@ -98,6 +101,11 @@ def _load(path: str, mtime_ns: int) -> tuple[Artefact, Head]:
     if data.get("format") != FORMAT:
         raise ValueError(f"{path}: not a guard classifier artefact (format {data.get('format')!r}, expected {FORMAT!r})")
     artefact = Artefact.model_validate(data)
+    if artefact.encoder_patch is not None:
+        patch = (Path(path).parent / artefact.encoder_patch).resolve()
+        if not patch.is_file():
+            raise ValueError(f"its encoder patch {str(patch)!r} does not exist")
+        artefact = artefact.model_copy(update={"encoder_patch": str(patch)})
     return artefact, Head(artefact)
 
 

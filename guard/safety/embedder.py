@@ -30,16 +30,32 @@ def model_path(model: str | None) -> str:
     return str(path)
 
 
+def load_sentence_transformer(model: str | None, patch: str | None = None):
+    """The model, with `patch` (a safetensors file of fine-tuned encoder weights) applied over it."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    loaded = SentenceTransformer(model_path(model), device="cpu", local_files_only=True)
+    if patch is not None:
+        from safetensors.torch import load_file
+
+        encoder = loaded[0].auto_model
+        weights = {name: tensor.float() for name, tensor in load_file(patch).items()}
+        unknown = sorted(set(weights) - set(encoder.state_dict()))
+        if unknown:
+            raise ValueError(f"encoder patch {patch!r} has weights the encoder lacks: {unknown[:3]}")
+        encoder.load_state_dict(weights, strict=False)
+    loaded.eval()
+    return loaded
+
+
 class Embedder:
     """One sentence-transformers model. Blocking calls: use `Embedders` from async code."""
 
     BATCH = 32
 
-    def __init__(self, model: str | None) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(model_path(model), device="cpu", local_files_only=True)
+    def __init__(self, model: str | None, patch: str | None = None) -> None:
+        self.model = load_sentence_transformer(model, patch)
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dimension())
         self.max_seq_length = int(self.model.max_seq_length)
@@ -58,21 +74,24 @@ class Embedders:
 
     def __init__(self) -> None:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="safety-embed")
-        self._models: dict[str, Embedder] = {}
+        self._models: dict[tuple[str, str | None], Embedder] = {}
         self._lock = threading.Lock()
 
-    def get(self, model: str | None) -> Embedder:
+    def get(self, model: str | None, patch: str | None = None) -> Embedder:
         """Blocking: loads the model on first use."""
-        key = model or BUNDLED
+        key = (model or BUNDLED, patch)
         with self._lock:
             embedder = self._models.get(key)
             if embedder is None:
-                embedder = self._models[key] = Embedder(model)
+                embedder = self._models[key] = Embedder(model, patch)
             return embedder
 
-    async def encode(self, model: str | None, texts: Sequence[str]) -> np.ndarray:
+    async def encode(self, model: str | None, texts: Sequence[str], patch: str | None = None) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, lambda: self.get(model).encode(texts))
+        return await loop.run_in_executor(self._worker, lambda: self.get(model, patch).encode(texts))
+
+    async def warm(self, model: str | None, patch: str | None = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._worker, self.get, model, patch)
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)

@@ -56,7 +56,17 @@ def plain(text: str) -> str:
 
 
 def _join_spelled_out(match: re.Match[str]) -> str:
-    return match.group(0)[::2]
+    run = match.group(0)
+    letters, separators = run[::2], run[1::2]
+    usual = max(set(separators), key=separators.count)
+    # In "b.o.m.b m.a.k.i.n.g" the lone space is a word break, not a letter separator.
+    joined = letters[0] + "".join(
+        (" " if sep == " " and usual != " " else "") + letter for letter, sep in zip(letters[1:], separators, strict=True)
+    )
+    # "a" and "i" are words: "a p i p e" is "a pipe", not "apipe".
+    if usual == " " and letters[0] in "ai" and len(letters) > 3:
+        joined = f"{letters[0]} {joined[1:]}"
+    return joined
 
 
 def _unleet(match: re.Match[str]) -> str:

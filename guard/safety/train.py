@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from guard.safety.classifier import FORMAT, Artefact, Head, Layer, WindowSettings, encode_array
+from guard.safety.classifier import FORMAT, Artefact, Head, Layer, WindowSettings, encode_array, save_artefact
 from guard.safety.embedder import Embedder
 from guard.safety.normalize import plain
 
@@ -114,6 +114,63 @@ def rates(scores: np.ndarray, labels: list[str], threshold: float) -> dict[str, 
     return out
 
 
+@dataclass
+class Trained:
+    artefact: Artefact
+    # Fine-tuned encoder weights (name -> fp16 tensor), saved beside the artefact; None when frozen.
+    encoder_patch: dict | None = None
+
+
+def _finetune(
+    examples: list[Example], fit: np.ndarray, encoder: str | None, layers: int, epochs: int, seed: int
+) -> tuple[dict, list[Layer]]:
+    """Trains the encoder's top `layers` transformer layers and a logistic head together."""
+    import torch
+
+    from guard.safety.embedder import load_sentence_transformer
+
+    torch.manual_seed(seed)
+    model = load_sentence_transformer(encoder)
+    bert = model[0].auto_model
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    trained = [p for block in bert.encoder.layer[-layers:] for p in block.parameters()]
+    for parameter in trained:
+        parameter.requires_grad = True
+    dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else model.get_sentence_embedding_dimension()
+    head = torch.nn.Linear(dim, 1)
+    optimizer = torch.optim.AdamW([{"params": trained, "lr": 4e-5}, {"params": head.parameters(), "lr": 1e-3}], weight_decay=0.01)
+    texts = [plain(examples[i].text) for i in fit]
+    y = torch.tensor([examples[i].label == "harmful" for i in fit], dtype=torch.float32)
+    pos_weight = (y == 0).sum() / (y == 1).sum().clamp(min=1)
+    rng = np.random.default_rng(seed)
+    model.train()
+    for _ in range(epochs):
+        order = rng.permutation(len(texts))
+        for start in range(0, len(order), 32):
+            batch = order[start : start + 32]
+            features = model.tokenize([texts[i] for i in batch])
+            logits = head(model(features)["sentence_embedding"])[:, 0]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[batch], pos_weight=pos_weight)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    first = len(bert.encoder.layer) - layers
+    patch = {
+        name: tensor.detach().to(torch.float16).contiguous()
+        for name, tensor in bert.state_dict().items()
+        if any(name.startswith(f"encoder.layer.{i}.") for i in range(first, len(bert.encoder.layer)))
+    }
+    head_layer = Layer(
+        shape=(1, dim),
+        weight=encode_array(head.weight.detach().numpy()),
+        bias=encode_array(head.bias.detach().numpy()),
+        activation="none",
+    )
+    return patch, [head_layer]
+
+
 def train(
     data: list[Path],
     *,
@@ -122,30 +179,49 @@ def train(
     target_fpr: float = 0.04,
     validation_fraction: float = 0.2,
     seed: int = 0,
+    finetune_layers: int = 0,
+    epochs: int = 4,
     windows: WindowSettings = WindowSettings(),
-) -> Artefact:
+) -> Trained:
+    """Fits a head on frozen embeddings, or (finetune_layers > 0) the encoder's top layers with a logistic head."""
     per_file = [read_examples(path) for path in data]
     examples = [example for items in per_file for example in items]
     labels = [example.label for example in examples]
-    missing = [label for label in ("harmful",) if label not in labels]
-    if missing or not ({"benign", "borderline"} & set(labels)):
+    if "harmful" not in labels or not ({"benign", "borderline"} & set(labels)):
         raise ValueError("training needs harmful examples and benign or borderline ones")
     started = time.perf_counter()
-    embedder = Embedder(encoder)
-    x = embedder.encode([plain(example.text) for example in examples])
-    y = np.array([label == "harmful" for label in labels], dtype=np.int64)
     fit, validation = stratified_split(labels, validation_fraction, seed)
-    layers = _layers(head, x[fit], y[fit], seed)
-    draft = Artefact(format=FORMAT, encoder=encoder, dim=x.shape[1], layers=layers, threshold=0.5, windows=windows)
-    scores = Head(draft).probabilities(x[validation])
+    patch = None
+    if finetune_layers > 0:
+        patch, layers = _finetune(examples, fit, encoder, finetune_layers, epochs, seed)
+        # Validate exactly what will run: the fp16 patch loaded over the encoder, as the filter loads it.
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as scratch:
+            save_file(patch, f"{scratch}/patch.safetensors")
+            embedder = Embedder(encoder, f"{scratch}/patch.safetensors")
+            x_validation = embedder.encode([plain(examples[i].text) for i in validation])
+        dim = x_validation.shape[1]
+    else:
+        embedder = Embedder(encoder)
+        x = embedder.encode([plain(example.text) for example in examples])
+        y = np.array([label == "harmful" for label in labels], dtype=np.int64)
+        layers = _layers(head, x[fit], y[fit], seed)
+        x_validation, dim = x[validation], x.shape[1]
+    draft = Artefact(format=FORMAT, encoder=encoder, dim=dim, layers=layers, threshold=0.5, windows=windows)
+    scores = Head(draft).probabilities(x_validation)
     validation_labels = [labels[i] for i in validation]
     threshold = choose_threshold(scores, validation_labels, target_fpr)
-    return draft.model_copy(
+    artefact = draft.model_copy(
         update={
             "threshold": threshold,
             "training": {
                 "data": _manifest(data, per_file),
-                "head": head,
+                "head": "logistic" if finetune_layers else head,
+                "finetuned_layers": finetune_layers,
+                "epochs": epochs if finetune_layers else None,
                 "seed": seed,
                 "target_fpr": target_fpr,
                 "validation_fraction": validation_fraction,
@@ -156,3 +232,17 @@ def train(
             },
         }
     )
+    return Trained(artefact, patch)
+
+
+def save(trained: Trained, path: Path) -> None:
+    """Writes the artefact, and its encoder patch beside it as <name>.encoder.safetensors."""
+    artefact = trained.artefact
+    if trained.encoder_patch is not None:
+        from safetensors.torch import save_file
+
+        patch_name = f"{path.stem}.encoder.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(trained.encoder_patch, str(path.parent / patch_name))
+        artefact = artefact.model_copy(update={"encoder_patch": patch_name})
+    save_artefact(artefact, path)
