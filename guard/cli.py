@@ -135,6 +135,7 @@ def _filter_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         finetune_layers=args.finetune_layers,
         epochs=args.epochs,
+        encoder_layers=args.encoder_layers,
     )
     save(trained, Path(args.output))
     artefact = trained.artefact
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--finetune-layers", type=int, default=0, help="also train the encoder's top N layers [0: frozen]")
     train.add_argument("--epochs", type=int, default=4, help="epochs when fine-tuning [4]")
+    train.add_argument("--encoder-layers", type=int, help="run only the encoder's first N layers (faster) [all]")
     train.set_defaults(func=_filter_train)
 
     model = commands.add_parser("model", help="manage the bundled default model").add_subparsers(dest="model_command", required=True)

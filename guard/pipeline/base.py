@@ -8,10 +8,16 @@ A request runs in three phases:
   3. `after(ctx, candidate)` of every step, in policy order, for each candidate
      (extract an answer, refuse a candidate), then `select(ctx)` of the step that
      selects (best_of_n); without one, the first candidate that was not refused wins.
+
+When every step is `streamable`, phases 2 and 3 happen while the text streams instead:
+one streamed upstream call, and the steps that `moderates_stream` check the text so far
+with `check_partial` as it grows (and once more at the end); the runner holds back the
+last `stream_holdback_chars` characters until a check has passed over them.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -53,6 +59,10 @@ class Context:
     # Detail the running step wants in the trace; the runner collects and resets it.
     detail: dict[str, Any] = field(default_factory=dict)
 
+    def remaining(self) -> float | None:
+        """Seconds left until the deadline (0.0 once it has passed), or None without one."""
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
     def user_text(self, roles: tuple[str, ...] = ("user",)) -> str:
         if self.messages is not None:
             return "\n".join(m.content for m in self.messages if m.role in roles)
@@ -78,6 +88,10 @@ class Step(Generic[ConfigT]):
     streamable: ClassVar[bool] = True
     # True for the step whose select() picks the answer among candidates.
     selects: ClassVar[bool] = False
+    # True when check_partial() can vet a growing answer, so a stream need not be buffered for
+    # this step (it must also be streamable). Its config then has stream_holdback_chars and
+    # stream_check_every_chars.
+    moderates_stream: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT, deps: StepDeps) -> None:
         self.config = config
@@ -93,6 +107,14 @@ class Step(Generic[ConfigT]):
     async def select(self, ctx: Context) -> Candidate | None:
         """Pick the answer among ctx.candidates (only for steps with selects=True)."""
         raise NotImplementedError
+
+    async def check_partial(self, ctx: Context, text: str, *, final: bool) -> Refusal | None:
+        """Vet the answer while it streams (only for steps with moderates_stream=True).
+
+        `text` is the whole text generated so far; `final` is True for the last call, on the
+        whole answer. A Refusal stops the stream and closes the upstream request.
+        """
+        return None
 
     # True when generate() replaces the runner's single upstream call (set per instance).
     generates: bool = False

@@ -26,8 +26,8 @@ import numpy as np
 from guard import metrics
 from guard.pipeline.base import Candidate, Context, Step, StepDeps, register_step
 from guard.policy.model import FilterStepBase, InputFilterStep, OutputFilterStep
-from guard.safety.classifier import load_artefact
-from guard.safety.embedder import model_path
+from guard.safety.classifier import encoder_spec, load_artefact
+from guard.safety.embedder import EncoderSpec, model_path
 from guard.safety.guard_model import GuardModelChecker
 from guard.safety.normalize import views
 from guard.safety.patterns import PatternSet
@@ -72,6 +72,12 @@ class _Filter(Step[FilterStepBase]):
         if (config.semantic or config.classifiers) and deps.embedders is None:
             raise ValueError("semantic and classifier rules need an embedding runtime")
 
+    def encoders(self) -> set[EncoderSpec]:
+        """The encoders this filter embeds with: the server loads them before serving."""
+        return {EncoderSpec(rule.model.model) for rule in self.config.semantic} | {
+            encoder_spec(artefact) for _, artefact, _, _ in self.classifiers
+        }
+
     # -- the rules ------------------------------------------------------------
 
     async def _verdict(self, ctx: Context, texts: Sequence[str], conversation: Sequence[Message], response: str | None) -> str | None:
@@ -83,20 +89,20 @@ class _Filter(Step[FilterStepBase]):
             return matched
         plain_views = [v[0] for v in text_views]
         folded_views = [v[1] for v in text_views if len(v) > 1]
-        embedded: dict[tuple[str | None, str | None, int, int], np.ndarray] = {}
+        embedded: dict[tuple[EncoderSpec, int, int], np.ndarray] = {}
 
-        async def embed(model: str | None, patch: str | None, words: int, stride: int, limit: int, rule: str) -> np.ndarray:
-            key = (model, patch, words, stride)
+        async def embed(spec: EncoderSpec, words: int, stride: int, limit: int, rule: str) -> np.ndarray:
+            key = (spec, words, stride)
             if key not in embedded:
                 try:
                     chunks = all_windows([*plain_views, *folded_views], words=words, stride=stride, limit=limit)
                 except TooManyWindows as exc:
                     raise FilterError(rule, str(exc), self.config.on_error) from exc
-                embedded[key] = await self.deps.embedders.encode(model, chunks, patch)
+                embedded[key] = await self.deps.embedders.encode(spec, chunks)
             return embedded[key]
 
         for rule in self.config.semantic:
-            vectors = await embed(rule.model.model, None, SEMANTIC_WINDOW_WORDS, SEMANTIC_WINDOW_STRIDE, SEMANTIC_MAX_WINDOWS, rule.name)
+            vectors = await embed(EncoderSpec(rule.model.model), SEMANTIC_WINDOW_WORDS, SEMANTIC_WINDOW_STRIDE, SEMANTIC_MAX_WINDOWS, rule.name)
             harmful_ex, benign_ex = await self._exemplar_vectors(rule)
             if not len(vectors):
                 continue
@@ -109,7 +115,7 @@ class _Filter(Step[FilterStepBase]):
 
         for rule, artefact, head, threshold in self.classifiers:
             words, stride = artefact.windows.words, artefact.windows.stride
-            vectors = await embed(artefact.encoder, artefact.encoder_patch, words, stride, rule.max_windows, rule.name)
+            vectors = await embed(encoder_spec(artefact), words, stride, rule.max_windows, rule.name)
             if not len(vectors):
                 continue
             score = float(head.probabilities(vectors).max())
@@ -145,7 +151,7 @@ class _Filter(Step[FilterStepBase]):
         """A semantic rule's exemplars, embedded once per policy version (shared by concurrent requests)."""
         future = self._exemplars.get(rule.name)
         if future is None or (future.done() and future.exception() is not None):
-            future = asyncio.ensure_future(self.deps.embedders.encode(rule.model.model, [*rule.harmful, *rule.benign]))
+            future = asyncio.ensure_future(self.deps.embedders.encode(EncoderSpec(rule.model.model), [*rule.harmful, *rule.benign]))
             self._exemplars[rule.name] = future
         vectors = await asyncio.shield(future)
         return vectors[: len(rule.harmful)], vectors[len(rule.harmful) :]

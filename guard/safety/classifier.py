@@ -45,12 +45,19 @@ class Artefact(_Strict):
     encoder_patch: str | None = Field(
         None, description="safetensors file of fine-tuned encoder weights applied over `encoder`, relative to the artefact."
     )
+    encoder_layers: int | None = Field(None, ge=1, description="Only the encoder's first N layers run (None: all).")
     dim: int
     view: Literal["plain"] = "plain"
     layers: list[Layer]
     threshold: float = Field(..., ge=0.0, le=1.0)
     windows: WindowSettings = WindowSettings()
     training: dict[str, Any] = Field(default_factory=dict, description="Data manifest, parameters, validation metrics.")
+
+
+def encoder_spec(artefact: Artefact):
+    from guard.safety.embedder import EncoderSpec
+
+    return EncoderSpec(artefact.encoder, artefact.encoder_patch, artefact.encoder_layers)
 
 
 def encode_array(array: np.ndarray) -> str:

@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +31,34 @@ def model_path(model: str | None) -> str:
     return str(path)
 
 
-def load_sentence_transformer(model: str | None, patch: str | None = None):
-    """The model, with `patch` (a safetensors file of fine-tuned encoder weights) applied over it."""
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which encoder a rule embeds with: a model, optional fine-tuned weights, optional depth."""
+
+    model: str | None = None  # sentence-transformers directory; None: the bundled MiniLM
+    patch: str | None = None  # safetensors file of fine-tuned encoder weights applied over it
+    layers: int | None = None  # keep only the first N transformer layers (faster; heads are trained to match)
+
+
+def load_sentence_transformer(spec: EncoderSpec):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
-    loaded = SentenceTransformer(model_path(model), device="cpu", local_files_only=True)
-    if patch is not None:
+    loaded = SentenceTransformer(model_path(spec.model), device="cpu", local_files_only=True)
+    encoder = loaded[0].auto_model
+    if spec.layers is not None:
+        blocks = encoder.encoder.layer
+        if not 1 <= spec.layers <= len(blocks):
+            raise ValueError(f"the encoder has {len(blocks)} layers; cannot keep {spec.layers}")
+        encoder.encoder.layer = blocks[: spec.layers]
+        encoder.config.num_hidden_layers = spec.layers
+    if spec.patch is not None:
         from safetensors.torch import load_file
 
-        encoder = loaded[0].auto_model
-        weights = {name: tensor.float() for name, tensor in load_file(patch).items()}
+        weights = {name: tensor.float() for name, tensor in load_file(spec.patch).items()}
         unknown = sorted(set(weights) - set(encoder.state_dict()))
         if unknown:
-            raise ValueError(f"encoder patch {patch!r} has weights the encoder lacks: {unknown[:3]}")
+            raise ValueError(f"encoder patch {spec.patch!r} has weights the encoder lacks: {unknown[:3]}")
         encoder.load_state_dict(weights, strict=False)
     loaded.eval()
     return loaded
@@ -54,8 +69,8 @@ class Embedder:
 
     BATCH = 32
 
-    def __init__(self, model: str | None, patch: str | None = None) -> None:
-        self.model = load_sentence_transformer(model, patch)
+    def __init__(self, spec: EncoderSpec = EncoderSpec()) -> None:
+        self.model = load_sentence_transformer(spec)
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dimension())
         self.max_seq_length = int(self.model.max_seq_length)
@@ -74,24 +89,23 @@ class Embedders:
 
     def __init__(self) -> None:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="safety-embed")
-        self._models: dict[tuple[str, str | None], Embedder] = {}
+        self._models: dict[EncoderSpec, Embedder] = {}
         self._lock = threading.Lock()
 
-    def get(self, model: str | None, patch: str | None = None) -> Embedder:
+    def get(self, spec: EncoderSpec) -> Embedder:
         """Blocking: loads the model on first use."""
-        key = (model or BUNDLED, patch)
         with self._lock:
-            embedder = self._models.get(key)
+            embedder = self._models.get(spec)
             if embedder is None:
-                embedder = self._models[key] = Embedder(model, patch)
+                embedder = self._models[spec] = Embedder(spec)
             return embedder
 
-    async def encode(self, model: str | None, texts: Sequence[str], patch: str | None = None) -> np.ndarray:
+    async def encode(self, spec: EncoderSpec, texts: Sequence[str]) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, lambda: self.get(model, patch).encode(texts))
+        return await loop.run_in_executor(self._worker, lambda: self.get(spec).encode(texts))
 
-    async def warm(self, model: str | None, patch: str | None = None) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._worker, self.get, model, patch)
+    async def warm(self, spec: EncoderSpec) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._worker, self.get, spec)
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)

@@ -377,10 +377,10 @@ def probability_from_top_logprobs(
 class GuardModelChecker:
     """Runs one `guard_model` rule: `await checker.check(messages)` or `check(messages, response)`.
 
-    `upstream` is guard's own upstream client, used unless the rule names a `url`; then the checker
-    opens its own client to that server (call `close()` when done with the checker).
-    `default_model` is the model asked when the rule names none (the guard server's upstream model);
-    with a `url` and no `model`, the first model that server lists is asked.
+    `upstream` is the client for the rule's server: guard's own upstream, or (for a rule with a `url`)
+    the shared client the pipeline keeps for that URL. `default_model` is the model asked when the
+    rule names none (the guard server's upstream model); with a `url` and no `model`, the first
+    model that server lists is asked.
     """
 
     def __init__(
@@ -392,26 +392,14 @@ class GuardModelChecker:
         top_logprobs: int = DEFAULT_TOP_LOGPROBS,
     ) -> None:
         self.config = config
-        self._owned: UpstreamClient | None = None
-        if config.url is not None:
-            self._owned = UpstreamClient(
-                [config.url], connect_timeout=min(5.0, config.timeout_seconds), health_interval=3600.0
-            )
-            self._upstream = self._owned
-            self._model: str | None = config.model
-        else:
-            self._upstream = upstream
-            self._model = config.model or default_model
+        self._upstream = upstream
+        self._model: str | None = config.model or (None if config.url is not None else default_model)
         self._top_logprobs = top_logprobs
         self.categories = config.enforced_categories()
 
     @property
     def is_llama_guard(self) -> bool:
         return self.config.family in LLAMA_GUARD_FAMILIES
-
-    async def close(self) -> None:
-        if self._owned is not None:
-            await self._owned.close()
 
     def prompts(self, messages: Sequence[Message], response: str | None = None) -> list[tuple[str, str]]:
         """(category, prompt) for every upstream call one check makes."""

@@ -13,14 +13,14 @@ import hashlib
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from guard.safety.classifier import FORMAT, Artefact, Head, Layer, WindowSettings, encode_array, save_artefact
-from guard.safety.embedder import Embedder
+from guard.safety.embedder import Embedder, EncoderSpec, load_sentence_transformer
 from guard.safety.normalize import plain
 
 LABELS = ("harmful", "benign", "borderline")
@@ -122,22 +122,20 @@ class Trained:
 
 
 def _finetune(
-    examples: list[Example], fit: np.ndarray, encoder: str | None, layers: int, epochs: int, seed: int
+    examples: list[Example], fit: np.ndarray, spec: EncoderSpec, layers: int, epochs: int, seed: int
 ) -> tuple[dict, list[Layer]]:
     """Trains the encoder's top `layers` transformer layers and a logistic head together."""
     import torch
 
-    from guard.safety.embedder import load_sentence_transformer
-
     torch.manual_seed(seed)
-    model = load_sentence_transformer(encoder)
+    model = load_sentence_transformer(spec)
     bert = model[0].auto_model
     for parameter in model.parameters():
         parameter.requires_grad = False
     trained = [p for block in bert.encoder.layer[-layers:] for p in block.parameters()]
     for parameter in trained:
         parameter.requires_grad = True
-    dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else model.get_sentence_embedding_dimension()
+    dim = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
     head = torch.nn.Linear(dim, 1)
     optimizer = torch.optim.AdamW([{"params": trained, "lr": 4e-5}, {"params": head.parameters(), "lr": 1e-3}], weight_decay=0.01)
     texts = [plain(examples[i].text) for i in fit]
@@ -181,6 +179,7 @@ def train(
     seed: int = 0,
     finetune_layers: int = 0,
     epochs: int = 4,
+    encoder_layers: int | None = None,
     windows: WindowSettings = WindowSettings(),
 ) -> Trained:
     """Fits a head on frozen embeddings, or (finetune_layers > 0) the encoder's top layers with a logistic head."""
@@ -190,10 +189,11 @@ def train(
     if "harmful" not in labels or not ({"benign", "borderline"} & set(labels)):
         raise ValueError("training needs harmful examples and benign or borderline ones")
     started = time.perf_counter()
+    spec = EncoderSpec(encoder, None, encoder_layers)
     fit, validation = stratified_split(labels, validation_fraction, seed)
     patch = None
     if finetune_layers > 0:
-        patch, layers = _finetune(examples, fit, encoder, finetune_layers, epochs, seed)
+        patch, layers = _finetune(examples, fit, spec, finetune_layers, epochs, seed)
         # Validate exactly what will run: the fp16 patch loaded over the encoder, as the filter loads it.
         import tempfile
 
@@ -201,16 +201,18 @@ def train(
 
         with tempfile.TemporaryDirectory() as scratch:
             save_file(patch, f"{scratch}/patch.safetensors")
-            embedder = Embedder(encoder, f"{scratch}/patch.safetensors")
+            embedder = Embedder(replace(spec, patch=f"{scratch}/patch.safetensors"))
             x_validation = embedder.encode([plain(examples[i].text) for i in validation])
         dim = x_validation.shape[1]
     else:
-        embedder = Embedder(encoder)
+        embedder = Embedder(spec)
         x = embedder.encode([plain(example.text) for example in examples])
         y = np.array([label == "harmful" for label in labels], dtype=np.int64)
         layers = _layers(head, x[fit], y[fit], seed)
         x_validation, dim = x[validation], x.shape[1]
-    draft = Artefact(format=FORMAT, encoder=encoder, dim=dim, layers=layers, threshold=0.5, windows=windows)
+    draft = Artefact(
+        format=FORMAT, encoder=encoder, encoder_layers=encoder_layers, dim=dim, layers=layers, threshold=0.5, windows=windows
+    )
     scores = Head(draft).probabilities(x_validation)
     validation_labels = [labels[i] for i in validation]
     threshold = choose_threshold(scores, validation_labels, target_fpr)

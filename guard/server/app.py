@@ -72,6 +72,9 @@ class GuardApp:
         metrics.POLICIES_LOADED.set(len(self.store.list()))
         await self.store.start()
         await self.upstream.start()
+        # Embedding models take seconds to load: before SERVING, not on the first request.
+        for encoder in sorted(self._encoders(), key=str):
+            await self.embedders.warm(encoder)
         self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC port {self.settings.host}:{self.settings.port}")
@@ -86,6 +89,14 @@ class GuardApp:
             self.settings.metrics_port or "off",
         )
         return self.port
+
+    def _encoders(self) -> set:
+        wanted = set()
+        for loaded in self.store.list():
+            for step in self.pipelines.get(loaded).steps:
+                if hasattr(step, "encoders"):
+                    wanted |= step.encoders()
+        return wanted
 
     async def _set_health(self, serving: bool | None = None) -> None:
         if serving is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from guard.policy.guard_model import GuardModelRule
+from guard.pipeline.base import StepDeps
 from guard.safety.guard_model import (
     GuardModelChecker,
     GuardModelError,
@@ -122,28 +123,30 @@ async def test_tiny_timeout_is_an_error(vllm_server, upstream):
 
 
 async def test_wrong_url_is_an_error(vllm_server, upstream):
-    checker = checker_for(
-        vllm_server, upstream, family="yes_no", url=f"http://127.0.0.1:{free_port()}", model=vllm_server.model
-    )
+    url = f"http://127.0.0.1:{free_port()}"
+    dead = StepDeps(upstream=upstream).upstream_at(url)
+    checker = checker_for(vllm_server, dead, family="yes_no", url=url, model=vllm_server.model)
     try:
         with pytest.raises(GuardModelError) as raised:
             await checker.check(CHAT)
         assert raised.value.reason == "unavailable"
     finally:
-        await checker.close()
+        await dead.close()
 
 
 async def test_separate_url_reaches_that_server_and_finds_its_model(vllm_server, upstream):
-    dead = UpstreamClient([f"http://127.0.0.1:{free_port()}"])
-    checker = checker_for(vllm_server, dead, family="llama_guard_3", categories=["S1"], url=vllm_server.url)
+    deps = StepDeps(upstream=UpstreamClient([f"http://127.0.0.1:{free_port()}"]))
+    checker = checker_for(
+        vllm_server, deps.upstream_at(vllm_server.url), family="llama_guard_3", categories=["S1"], url=vllm_server.url
+    )
     try:
         with pytest.raises(GuardModelError) as raised:
             await checker.check(CHAT)
         # Not "unavailable": the rule's own server (whose only model was found by asking it) answered.
         assert raised.value.reason == "unparseable"
     finally:
-        await checker.close()
-        await dead.close()
+        await deps.upstream.close()
+        await deps.other_upstreams[vllm_server.url].close()
 
 
 async def test_chat_api_top_logprobs_come_back_per_position(vllm_server, upstream):

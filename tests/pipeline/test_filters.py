@@ -184,3 +184,58 @@ def test_every_shipped_policy_builds(tmp_path, embedders):
     store.reload_now()
     assert not store.last_errors
     assert {"default", "safe-assistant"} <= {loaded.policy.name for loaded in store.list()}
+
+
+GUARD_MODEL_FILTER = """
+name: t
+refusal: No.
+steps:
+  - type: input_filter
+    on_error: {filter_on_error}
+    guard_models:
+      - {{name: llama-guard, family: llama_guard_3, model: lg, timeout_seconds: 1.0{rule_on_error}}}
+"""
+
+
+async def guard_model_step(url: str, filter_on_error: str = "refuse", rule_on_error: str = ""):
+    from guard.upstream.client import UpstreamClient
+
+    policy = Policy.model_validate(
+        yaml.safe_load(GUARD_MODEL_FILTER.format(filter_on_error=filter_on_error, rule_on_error=rule_on_error))
+    )
+    deps = StepDeps(upstream=UpstreamClient([url]), default_model="m")
+    return policy, step_class("input_filter")(policy.steps[0], deps), deps
+
+
+@pytest.mark.parametrize(("verdict", "refused"), [("unsafe\nS9", True), ("safe", False)])
+async def test_a_guard_model_verdict_decides(verdict, refused):
+    from tests.support.scripted_upstream import ScriptedUpstream
+
+    with ScriptedUpstream(lambda body: (verdict, None)) as server:
+        policy, step, deps = await guard_model_step(server.url)
+        ctx = context(policy, GenerateInput(messages=[Message("user", "how do I make a dirty bomb")]))
+        await step.before(ctx)
+        await deps.upstream.close()
+    assert (ctx.refusal is not None) == refused
+    assert ctx.detail["guard_model"]["llama-guard"]["unsafe"] is refused
+    # The guard model judged the client's words, in its own prompt format.
+    assert "how do I make a dirty bomb" in server.bodies[0]["prompt"] and server.bodies[0]["model"] == "lg"
+
+
+@pytest.mark.parametrize(
+    ("filter_on_error", "rule_on_error", "refused"),
+    [("refuse", "", True), ("allow", "", False), ("allow", ", on_error: refuse", True), ("refuse", ", on_error: allow", False)],
+)
+async def test_a_failing_guard_model_follows_the_rules_fail_mode_then_the_filters(filter_on_error, rule_on_error, refused):
+    from tests.support.net import free_port
+
+    policy, step, deps = await guard_model_step(f"http://127.0.0.1:{free_port()}", filter_on_error, rule_on_error)
+    fail_open = metrics.FILTER_FAIL_OPEN.labels(policy="t", step="input_filter", rule="llama-guard")
+    before = fail_open._value.get()
+    ctx = context(policy, GenerateInput(prompt="hello"))
+    await step.before(ctx)
+    await deps.upstream.close()
+    assert (ctx.refusal is not None) == refused
+    assert fail_open._value.get() == before + (0 if refused else 1)
+    if refused:
+        assert ctx.refusal.rule == "llama-guard"

@@ -17,6 +17,8 @@ import pytest
 from pydantic import ValidationError
 
 from guard.policy.guard_model import GuardModelRule
+from guard.pipeline.base import StepDeps
+from tests.support.scripted_upstream import ScriptedUpstream
 from guard.safety.guard_model import (
     GuardModelChecker,
     GuardModelError,
@@ -268,54 +270,6 @@ def test_client_parses_top_logprobs_from_both_apis():
 # -- checker against fake upstreams ----------------------------------------------------------
 
 
-class ScriptedUpstream:
-    """An OpenAI-style /v1/completions that answers from a script and records request bodies."""
-
-    def __init__(self, answer):  # answer(body) -> (text, top_logprobs dict | None)
-        self.bodies: list[dict] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                body = b'{"data": [{"id": "scripted-guard"}]}' if self.path == "/v1/models" else b""
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self):
-                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-                owner.bodies.append(request)
-                text, top = answer(request)
-                logprobs = None if top is None else {"tokens": [text], "token_logprobs": [-0.1], "top_logprobs": [top]}
-                body = json.dumps({"model": request["model"], "choices": [
-                    {"index": 0, "text": text, "finish_reason": "stop", "logprobs": logprobs}],
-                    "usage": {"prompt_tokens": 5, "completion_tokens": 1}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
-
-
 @pytest.fixture
 async def clients():
     made: list = []
@@ -434,24 +388,23 @@ async def test_http_500_and_unreachable_servers_are_errors(clients):
         checker = GuardModelChecker(rule(), make(fault.url), "gg")
         with pytest.raises(GuardModelError, match="engine dead"):
             await checker.check(USER)
-    # A rule with its own url gets its own client to it, whatever guard's upstream is.
+    # A rule with its own url is sent to the pipeline's client for that url, whatever guard's upstream is.
     with ScriptedUpstream(lambda body: ("safe", None)) as fine:
-        checker = GuardModelChecker(rule(url=f"http://127.0.0.1:{free_port()}", model="lg"), make(fine.url), "gg")
+        deps = StepDeps(upstream=make(fine.url))
+        url = f"http://127.0.0.1:{free_port()}"
+        checker = GuardModelChecker(rule(url=url, model="lg"), deps.upstream_at(url), "gg")
         try:
             with pytest.raises(GuardModelError) as raised:
                 await checker.check(USER)
             assert raised.value.reason == "unavailable"
             assert fine.bodies == []
         finally:
-            await checker.close()
+            await deps.other_upstreams[url].close()
 
 
 async def test_separate_server_without_a_model_name_asks_its_first_model(clients):
     made, make = clients
     with ScriptedUpstream(lambda body: ("safe", None)) as fake:
-        checker = GuardModelChecker(rule(url=fake.url), make(f"http://127.0.0.1:{free_port()}"), "not-this-one")
-        try:
-            assert not (await checker.check(USER)).unsafe
-            assert fake.bodies[0]["model"] == "scripted-guard"
-        finally:
-            await checker.close()
+        checker = GuardModelChecker(rule(url=fake.url), make(fake.url), "not-this-one")
+        assert not (await checker.check(USER)).unsafe
+        assert fake.bodies[0]["model"] == "scripted-guard"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from guard.cli import main
-from guard.safety.classifier import load_artefact
-from guard.safety.embedder import Embedder
+from guard.safety.classifier import encoder_spec, load_artefact
+from guard.safety.embedder import Embedder, EncoderSpec
 from guard.safety.normalize import plain
 from guard.safety.train import choose_threshold, read_examples
 
@@ -63,7 +63,7 @@ def test_train_writes_an_artefact_that_separates_its_data_and_records_it(tmp_pat
     assert entry["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
     assert entry["labels"] == {"borderline": 12, "harmful": 12}
     assert set(artefact.training["validation"]) >= {"refused_harmful", "refused_borderline"}
-    embedder = Embedder(None)
+    embedder = Embedder()
     harmful = head.probabilities(embedder.encode([plain(t) for t in HARMFUL])).mean()
     benign = head.probabilities(embedder.encode([plain(t) for t in BENIGN])).mean()
     assert harmful > benign + 0.2
@@ -71,10 +71,14 @@ def test_train_writes_an_artefact_that_separates_its_data_and_records_it(tmp_pat
 
 def test_fine_tuning_writes_an_encoder_patch_that_changes_the_embeddings(tmp_path, data_file):
     out = tmp_path / "ft.json"
-    assert main(["filter", "train", str(data_file), "-o", str(out), "--finetune-layers", "1", "--epochs", "1"]) == 0
+    command = ["filter", "train", str(data_file), "-o", str(out), "--finetune-layers", "1", "--epochs", "1", "--encoder-layers", "3"]
+    assert main(command) == 0
     artefact, _ = load_artefact(str(out))
     assert artefact.encoder_patch == str(tmp_path / "ft.encoder.safetensors")
-    assert artefact.training["finetuned_layers"] == 1
-    base = Embedder(None).encode(["how do I build a pipe bomb"])
-    tuned = Embedder(None, artefact.encoder_patch).encode(["how do I build a pipe bomb"])
-    assert not np.allclose(base, tuned, atol=1e-4)
+    assert artefact.training["finetuned_layers"] == 1 and artefact.encoder_layers == 3
+    shallow = Embedder(EncoderSpec(layers=3))
+    tuned = Embedder(encoder_spec(artefact))
+    assert len(tuned.model[0].auto_model.encoder.layer) == 3
+    text = ["how do I build a pipe bomb"]
+    assert not np.allclose(shallow.encode(text), tuned.encode(text), atol=1e-4)
+    assert not np.allclose(Embedder().encode(text), shallow.encode(text), atol=1e-4)
