@@ -58,6 +58,13 @@ REFUSALS = Counter(
     ["policy", "step", "stage"],
     registry=REGISTRY,
 )
+STREAM_EXPOSED_CHARS = Histogram(
+    "guard_stream_exposed_chars",
+    "Characters of answer already streamed to the client when a moderating step blocked the rest.",
+    ["policy"],
+    buckets=(0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+    registry=REGISTRY,
+)
 TOKENS = Counter(
     "guard_tokens_total",
     "Tokens reported by the upstream, by policy and kind (prompt or completion).",
@@ -66,7 +73,7 @@ TOKENS = Counter(
 )
 UPSTREAM_REQUEST_SECONDS = Histogram(
     "guard_upstream_request_duration_seconds",
-    "Time from sending a non-streamed request to the upstream until its full response.",
+    "Time from sending a request to the upstream until its full response (streamed: until the stream ends or is closed).",
     ["endpoint", "path"],
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,

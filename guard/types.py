@@ -87,13 +87,15 @@ class Completion:
 
 @dataclass(frozen=True)
 class StreamDelta:
-    """One streamed chunk. `usage` and `finish_reason` arrive on the last chunks."""
+    """One streamed chunk. `finish_reason` arrives on the last chunks; token counts (so far) and the
+    answering upstream on usage chunks."""
 
     index: int
     text: str
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    upstream_url: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from typing import Any
 
 from guard.pipeline.base import Candidate, Context, Step, StepDeps, register_step
@@ -79,15 +78,20 @@ class BestOfN(Step[BestOfNStep]):
 
     async def _extend(self, ctx: Context, partial: str | None, max_tokens: int, *, n: int) -> Completion:
         """n fresh candidates (partial=None), or one continuation of a partial candidate."""
-        sampling = ctx.sampling.with_(n=n, max_tokens=max_tokens)
-        timeout = None if ctx.deadline is None else max(ctx.deadline - time.monotonic(), 0.001)
-        upstream = self.deps.upstream
-        if ctx.messages is not None:
-            if partial is None:
-                return await upstream.chat(ctx.model, ctx.messages, sampling, timeout=timeout)
-            messages = [*ctx.messages, Message("assistant", partial)]
-            return await upstream.chat(ctx.model, messages, sampling, timeout=timeout, continue_final_message=True)
-        return await upstream.complete(ctx.model, (ctx.prompt or "") + (partial or ""), sampling, timeout=timeout)
+        messages, prompt = ctx.messages, None
+        if messages is None:
+            prompt = (ctx.prompt or "") + (partial or "")
+        elif partial is not None:
+            messages = [*messages, Message("assistant", partial)]
+        return await self.deps.upstream.generate(
+            ctx.model,
+            prompt=prompt,
+            messages=messages,
+            sampling=ctx.sampling.with_(n=n, max_tokens=max_tokens),
+            stream=False,
+            timeout=ctx.remaining(),
+            continue_final_message=partial is not None,
+        )
 
     async def select(self, ctx: Context) -> Candidate | None:
         config = self.config
@@ -106,9 +110,8 @@ class BestOfN(Step[BestOfNStep]):
         # added instructions (e.g. chain-of-thought format) that the final text no longer follows.
         request = ctx.request
         prompt = request.messages if request.messages is not None else (request.prompt or "")
-        timeout = None if ctx.deadline is None else max(ctx.deadline - time.monotonic(), 0.0)
         try:
-            scores = await reranker.score(config.reward, prompt, texts, timeout=timeout)
+            scores = await reranker.score(config.reward, prompt, texts, timeout=ctx.remaining())
         except RerankError as exc:
             if config.on_error == "fail":
                 raise

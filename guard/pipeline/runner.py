@@ -1,11 +1,20 @@
 """Runs a policy's steps around one upstream call.
 
+One request path: `Pipeline.stream` is the engine (context, before-hooks, generation,
+refusal, usage, timing, trace), and `Pipeline.run` is the same stream, collected.
+When every step is streamable the answer streams as vLLM generates it, held back by a
+window of `holdback` characters while the moderating steps (output filters) check it;
+a block closes the upstream request (vLLM aborts the generation). Otherwise (a step needs
+the whole answer: chain-of-thought, best-of-n) one whole upstream call is made and the
+chosen answer is sent as one piece.
+
 `Pipeline` is built once per policy version (steps compile their rules then);
 `Pipelines` caches them and rebuilds when the policy store hands out a new version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,7 +22,7 @@ from dataclasses import dataclass
 from guard import metrics
 from guard.pipeline import best_of_n, chain_of_thought, filters, system_prompt  # noqa: F401 - registers the steps
 from guard.pipeline.base import Candidate, Context, Step, StepDeps, step_class
-from guard.policy.loader import LoadedPolicy
+from guard.policy.loader import LoadedPolicy, PolicyBuildError
 from guard.types import GenerateInput, GenerateResult, Refusal, TraceEntry, Usage
 
 
@@ -30,11 +39,15 @@ class Pipeline:
         self.policy = loaded.policy
         self.deps = deps
         self.model = self.policy.model or default_model
-        self.steps: list[Step] = [step_class(config.type)(config, deps) for config in self.policy.steps]
+        self.steps: list[Step] = [_build_step(index, config, deps) for index, config in enumerate(self.policy.steps)]
         self.selector = next((step for step in self.steps if step.selects), None)
         self.generator = next((step for step in self.steps if step.generates), None)
-        # Streaming passes deltas straight through only if no step needs the whole answer.
-        self.streams_directly = all(step.streamable for step in self.steps)
+        # The answer streams as it is generated only if no step needs the whole of it.
+        self.streams_directly = self.generator is None and all(step.streamable for step in self.steps)
+        self.moderators = [step for step in self.steps if step.moderates_stream]
+        # Never release text a check has not yet seen with this much after it; check this often.
+        self.holdback = max((step.config.stream_holdback_chars for step in self.moderators), default=0)
+        self.check_every = min((step.config.stream_check_every_chars for step in self.moderators), default=1)
 
     def _context(self, request: GenerateInput, deadline: float | None) -> Context:
         return Context(
@@ -48,23 +61,15 @@ class Pipeline:
             deadline=deadline,
         )
 
-    def _result(self, ctx: Context, started: float) -> GenerateResult:
-        return GenerateResult(
-            text="",
-            finish_reason="",
-            policy=self.policy.name,
-            policy_version=self.loaded.version,
-            upstream_model=self.model,
-            total_seconds=time.perf_counter() - started,
-        )
+    def _record(self, step: Step, phase: str, elapsed: float, detail: dict, trace: list[TraceEntry]) -> None:
+        metrics.STEP_SECONDS.labels(policy=self.policy.name, step=step.name, phase=phase).observe(elapsed)
+        trace.append(TraceEntry(step=step.name, type=step.type, phase=phase, duration_seconds=elapsed, detail=detail))
 
     async def _timed(self, ctx: Context, step: Step, phase: str, call, trace: list[TraceEntry]):
         ctx.detail = {}
         started = time.perf_counter()
         outcome = await call
-        elapsed = time.perf_counter() - started
-        metrics.STEP_SECONDS.labels(policy=self.policy.name, step=step.name, phase=phase).observe(elapsed)
-        trace.append(TraceEntry(step=step.name, type=step.type, phase=phase, duration_seconds=elapsed, detail=ctx.detail))
+        self._record(step, phase, time.perf_counter() - started, ctx.detail, trace)
         return outcome
 
     async def _before(self, ctx: Context, trace: list[TraceEntry]) -> None:
@@ -74,9 +79,6 @@ class Pipeline:
             await self._timed(ctx, step, "before", step.before(ctx), trace)
             if ctx.refusal is not None:
                 return
-
-    def _remaining(self, ctx: Context) -> float | None:
-        return None if ctx.deadline is None else ctx.deadline - time.monotonic()
 
     async def _after(self, ctx: Context, trace: list[TraceEntry]) -> Candidate | None:
         """Per-candidate hooks, then selection. None means every candidate was refused."""
@@ -94,40 +96,120 @@ class Pipeline:
             return await self._timed(ctx, self.selector, "select", self.selector.select(ctx), trace)
         return next((c for c in ctx.candidates if c.refusal is None), None)
 
-    def _refuse(self, result: GenerateResult, refusal: Refusal) -> GenerateResult:
-        metrics.REFUSALS.labels(policy=self.policy.name, step=refusal.step, stage=refusal.stage).inc()
-        result.text = refusal.text
-        result.finish_reason = "refused"
-        result.refusal = refusal
-        return result
-
-    def _count_tokens(self, usage: Usage) -> None:
-        metrics.TOKENS.labels(policy=self.policy.name, kind="prompt").inc(usage.prompt_tokens)
-        metrics.TOKENS.labels(policy=self.policy.name, kind="completion").inc(usage.completion_tokens)
-
     async def run(self, request: GenerateInput, *, deadline: float | None = None) -> GenerateResult:
+        """The unary answer: the stream, drained (its final result carries the whole text)."""
+        async with contextlib.aclosing(self._answer(request, deadline, to_client=False)) as events:
+            async for event in events:
+                if isinstance(event, GenerateResult):
+                    return event
+        raise AssertionError("the answer stream ended without a result")
+
+    def stream(self, request: GenerateInput, *, deadline: float | None = None) -> AsyncIterator[TextDelta | GenerateResult]:
+        """Yields TextDelta pieces, then the final GenerateResult.
+
+        Its text is the whole answer (the pieces joined), or on a refusal the refusal text:
+        pieces sent before a mid-stream block stay sent.
+        """
+        return self._answer(request, deadline, to_client=True)
+
+    async def _answer(
+        self, request: GenerateInput, deadline: float | None, *, to_client: bool
+    ) -> AsyncIterator[TextDelta | GenerateResult]:
         started = time.perf_counter()
         ctx = self._context(request, deadline)
-        result = self._result(ctx, started)
-        trace = result.trace
-        await self._before(ctx, trace)
+        result = GenerateResult(
+            text="", finish_reason="", policy=self.policy.name, policy_version=self.loaded.version, upstream_model=self.model
+        )
+        await self._before(ctx, result.trace)
+        if ctx.refusal is None:
+            pieces: list[str] = []
+            generate = self._streamed if self.streams_directly else self._whole
+            async with contextlib.aclosing(generate(ctx, result, to_client=to_client)) as answer:
+                async for piece in answer:
+                    pieces.append(piece)
+                    yield TextDelta(piece)
+            self._count_tokens(result.usage)
+            result.text = "".join(pieces)
         if ctx.refusal is not None:
-            result.total_seconds = time.perf_counter() - started
-            return self._refuse(result, ctx.refusal)
+            metrics.REFUSALS.labels(policy=self.policy.name, step=ctx.refusal.step, stage=ctx.refusal.stage).inc()
+            result.text = ctx.refusal.text
+            result.finish_reason = "refused"
+            result.refusal = ctx.refusal
+        result.total_seconds = time.perf_counter() - started
+        yield result
 
+    def _upstream(self, ctx: Context, *, stream: bool):
+        """The runner's one upstream call on the rewritten request (the client picks chat or completion)."""
+        return self.deps.upstream.generate(
+            ctx.model,
+            prompt=(ctx.prompt or "") if ctx.messages is None else None,
+            messages=ctx.messages,
+            sampling=ctx.sampling.with_(n=1) if stream else ctx.sampling,
+            stream=stream,
+            timeout=ctx.remaining(),
+        )
+
+    async def _streamed(self, ctx: Context, result: GenerateResult, *, to_client: bool) -> AsyncIterator[str]:
+        """The answer as vLLM generates it, minus a held-back tail the moderating steps have not yet vetted.
+
+        Sets ctx.refusal (and stops) when a moderating step blocks; the upstream request is
+        closed before this returns, so vLLM stops generating.
+        """
+        pieces: list[str] = []
+        generated = released = checked = 0
+        checks = _Checks(self, ctx)
+        upstream_started = time.perf_counter()
+        try:
+            async with contextlib.aclosing(self._upstream(ctx, stream=True)) as deltas:
+                async for delta in deltas:
+                    if delta.prompt_tokens is not None:
+                        result.usage = Usage(delta.prompt_tokens, delta.completion_tokens or 0)
+                    if delta.upstream_url:
+                        result.upstream_url = delta.upstream_url
+                    if delta.finish_reason:
+                        result.finish_reason = delta.finish_reason
+                    if not delta.text:
+                        continue
+                    pieces.append(delta.text)
+                    generated += len(delta.text)
+                    if not self.moderators:
+                        released = generated
+                        yield delta.text
+                        continue
+                    if generated - checked < self.check_every:
+                        continue
+                    checked = generated
+                    text = "".join(pieces)
+                    pieces = [text]
+                    if await checks.run(text, final=False):
+                        break
+                    if generated - self.holdback > released:
+                        yield text[released : generated - self.holdback]
+                        released = generated - self.holdback
+            # The upstream stream is closed here, whether it ended or a check blocked it.
+            result.upstream_seconds = time.perf_counter() - upstream_started
+            text = "".join(pieces)
+            if ctx.refusal is None and self.moderators and not await checks.run(text, final=True):
+                if len(text) > released:
+                    yield text[released:]
+                released = len(text)
+            if ctx.refusal is not None and to_client:
+                metrics.STREAM_EXPOSED_CHARS.labels(policy=self.policy.name).observe(released)
+        finally:
+            checks.record(result.trace)
+        result.finish_reason = result.finish_reason or "stop"
+
+    async def _whole(self, ctx: Context, result: GenerateResult, *, to_client: bool) -> AsyncIterator[str]:
+        """Generate all candidates, run the after-hooks and selection, yield the chosen answer in one piece."""
+        trace = result.trace
         upstream_started = time.perf_counter()
         if self.generator is not None:
             completion = await self._timed(ctx, self.generator, "generate", self.generator.generate(ctx), trace)
-        elif ctx.messages is not None:
-            completion = await self.deps.upstream.chat(ctx.model, ctx.messages, ctx.sampling, timeout=self._remaining(ctx))
         else:
-            completion = await self.deps.upstream.complete(
-                ctx.model, ctx.prompt or "", ctx.sampling, timeout=self._remaining(ctx)
-            )
+            completion = await self._upstream(ctx, stream=False)
         result.upstream_seconds = time.perf_counter() - upstream_started
         result.upstream_url = completion.upstream_url
         result.usage = Usage(completion.prompt_tokens, completion.completion_tokens)
-        self._count_tokens(result.usage)
         ctx.candidates = [
             Candidate(
                 index=choice.index,
@@ -138,78 +220,78 @@ class Pipeline:
             )
             for choice in completion.choices
         ]
-
         chosen = await self._after(ctx, trace)
-        result.total_seconds = time.perf_counter() - started
         if chosen is None:
-            first_refusal = next(c.refusal for c in ctx.candidates if c.refusal is not None)
-            return self._refuse(result, first_refusal)
+            ctx.refusal = next(c.refusal for c in ctx.candidates if c.refusal is not None)
+            return
         ctx.chosen = chosen
         if chosen.notes and len(ctx.candidates) == 1:
             trace.append(TraceEntry(step="answer", type="answer", phase="after", duration_seconds=0.0, detail=chosen.notes))
-        result.text = chosen.text
         result.finish_reason = chosen.finish_reason or "stop"
-        return result
+        if chosen.text:
+            yield chosen.text
 
-    async def stream(
-        self, request: GenerateInput, *, deadline: float | None = None
-    ) -> AsyncIterator[TextDelta | GenerateResult]:
-        """Yields TextDelta pieces, then the final GenerateResult (whose text is the whole answer)."""
-        if not self.streams_directly:
-            # Some step needs the whole answer (filters, CoT, best-of-n): generate, then send it in one piece.
-            result = await self.run(request, deadline=deadline)
-            if result.text:
-                yield TextDelta(result.text)
-            yield result
-            return
+    def _count_tokens(self, usage: Usage) -> None:
+        metrics.TOKENS.labels(policy=self.policy.name, kind="prompt").inc(usage.prompt_tokens)
+        metrics.TOKENS.labels(policy=self.policy.name, kind="completion").inc(usage.completion_tokens)
 
-        started = time.perf_counter()
-        ctx = self._context(request, deadline)
-        result = self._result(ctx, started)
-        await self._before(ctx, result.trace)
-        if ctx.refusal is not None:
-            self._refuse(result, ctx.refusal)
-            yield TextDelta(result.text)
-            result.total_seconds = time.perf_counter() - started
-            yield result
-            return
 
-        upstream_started = time.perf_counter()
-        pieces: list[str] = []
-        finish_reason = None
-        async for delta in self.deps.upstream.stream(
-            ctx.model,
-            prompt=ctx.prompt if ctx.messages is None else None,
-            messages=ctx.messages,
-            sampling=ctx.sampling.with_(n=1),
-            timeout=self._remaining(ctx),
-        ):
-            if delta.text:
-                pieces.append(delta.text)
-                yield TextDelta(delta.text)
-            if delta.finish_reason:
-                finish_reason = delta.finish_reason
-            if delta.prompt_tokens is not None:
-                result.usage = Usage(delta.prompt_tokens, delta.completion_tokens or 0)
-        result.upstream_seconds = time.perf_counter() - upstream_started
-        self._count_tokens(result.usage)
-        result.text = "".join(pieces)
-        result.finish_reason = finish_reason or "stop"
-        result.total_seconds = time.perf_counter() - started
-        yield result
+class _Checks:
+    """The moderating steps' check_partial calls over one stream: first refusal wins; one trace entry per step."""
+
+    def __init__(self, pipeline: Pipeline, ctx: Context) -> None:
+        self.pipeline = pipeline
+        self.ctx = ctx
+        self.seconds = {step: 0.0 for step in pipeline.moderators}
+        self.details: dict[Step, dict] = {step: {"checks": 0} for step in pipeline.moderators}
+
+    async def run(self, text: str, *, final: bool) -> Refusal | None:
+        """Sets ctx.refusal and returns it when a step blocks."""
+        ctx = self.ctx
+        for step in self.pipeline.moderators:
+            ctx.detail = self.details[step]
+            started = time.perf_counter()
+            refusal = await step.check_partial(ctx, text, final=final)
+            self.seconds[step] += time.perf_counter() - started
+            ctx.detail["checks"] += 1
+            if refusal is not None:
+                ctx.detail.update(blocked_at_chars=len(text), final=final)
+                ctx.refusal = refusal
+                return refusal
+        return None
+
+    def record(self, trace: list[TraceEntry]) -> None:
+        for step in self.pipeline.moderators:
+            if self.details[step]["checks"]:
+                self.pipeline._record(step, "after", self.seconds[step], self.details[step], trace)
 
 
 class Pipelines:
-    """Pipeline per policy version, built on first use."""
+    """Pipeline per policy version, built when the policy loads (`build`, the store's builder) or on first use."""
 
     def __init__(self, deps: StepDeps, default_model: str) -> None:
         self.deps = deps
         self.default_model = default_model
-        self._cache: dict[str, Pipeline] = {}
+        self._cache: dict[tuple[str, str], Pipeline] = {}
+
+    def build(self, loaded: LoadedPolicy) -> Pipeline:
+        """Builds (or finds) the pipeline of this policy version. Raises PolicyBuildError."""
+        key = (loaded.policy.name, loaded.version)
+        pipeline = self._cache.get(key)
+        if pipeline is None:
+            pipeline = Pipeline(loaded, self.deps, self.default_model)
+            # Older versions of the policy are no longer served: drop them.
+            for old in [k for k in self._cache if k[0] == key[0]]:
+                del self._cache[old]
+            self._cache[key] = pipeline
+        return pipeline
 
     def get(self, loaded: LoadedPolicy) -> Pipeline:
-        pipeline = self._cache.get(loaded.policy.name)
-        if pipeline is None or pipeline.loaded.version != loaded.version:
-            pipeline = Pipeline(loaded, self.deps, self.default_model)
-            self._cache[loaded.policy.name] = pipeline
-        return pipeline
+        return self.build(loaded)
+
+
+def _build_step(index: int, config, deps: StepDeps) -> Step:
+    try:
+        return step_class(config.type)(config, deps)
+    except Exception as exc:  # noqa: BLE001 - any failure to build means the policy cannot run
+        raise PolicyBuildError(("steps", index), f"cannot build {config.type} step: {exc}") from exc

@@ -13,9 +13,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import httpx
 
@@ -217,61 +217,92 @@ class UpstreamClient:
             raise UpstreamError(f"upstream {url} returned JSON that is not an object")
         return payload
 
-    async def complete(
-        self, model: str, prompt: str, sampling: Sampling, *, timeout: float | None = None
-    ) -> Completion:
-        body = {"model": model, "prompt": prompt, **_sampling_body(sampling)}
-        if sampling.logprobs is not None:
-            body["logprobs"] = sampling.logprobs
-        payload, url = await self._post_json("/v1/completions", body, timeout)
-        return _parse_completion(payload, url, chat=False)
-
-    async def chat(
-        self,
-        model: str,
-        messages: Sequence[Message],
-        sampling: Sampling,
-        *,
-        timeout: float | None = None,
-        continue_final_message: bool = False,
-    ) -> Completion:
-        """`continue_final_message`: the last message is an unfinished assistant turn to extend (vLLM extension)."""
-        body = {"model": model, "messages": _messages_body(messages), **_sampling_body(sampling)}
-        if continue_final_message:
-            body["continue_final_message"] = True
-            body["add_generation_prompt"] = False
-        if sampling.logprobs is not None:
-            body["logprobs"] = True
-            body["top_logprobs"] = sampling.logprobs
-        payload, url = await self._post_json("/v1/chat/completions", body, timeout)
-        return _parse_completion(payload, url, chat=True)
-
-    async def stream(
+    @overload
+    def generate(
         self,
         model: str,
         *,
         prompt: str | None = None,
         messages: Sequence[Message] | None = None,
         sampling: Sampling,
+        stream: Literal[False],
         timeout: float | None = None,
+        continue_final_message: bool = False,
+    ) -> Awaitable[Completion]: ...
+
+    @overload
+    def generate(
+        self,
+        model: str,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[Message] | None = None,
+        sampling: Sampling,
+        stream: Literal[True],
+        timeout: float | None = None,
+        continue_final_message: bool = False,
+    ) -> AsyncIterator[StreamDelta]: ...
+
+    def generate(
+        self,
+        model: str,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[Message] | None = None,
+        sampling: Sampling,
+        stream: bool,
+        timeout: float | None = None,
+        continue_final_message: bool = False,
+    ) -> Awaitable[Completion] | AsyncIterator[StreamDelta]:
+        """Generate from chat `messages` (/v1/chat/completions) or a raw `prompt` (/v1/completions).
+
+        stream=False: awaitable, the whole Completion (all `sampling.n` choices).
+        stream=True: an async iterator of StreamDelta as vLLM generates; closing it early
+        (`aclose()`) closes the HTTP request, and vLLM aborts the generation.
+        `continue_final_message`: the last message is an unfinished assistant turn to extend
+        (vLLM extension; a raw prompt is always continued).
+        """
+        if (prompt is None) == (messages is None):
+            raise ValueError("generate() takes exactly one of prompt and messages")
+        chat = messages is not None
+        body: dict[str, Any] = {"model": model, **_sampling_body(sampling)}
+        if messages is not None:
+            body["messages"] = _messages_body(messages)
+            if continue_final_message:
+                body["continue_final_message"] = True
+                body["add_generation_prompt"] = False
+            if sampling.logprobs is not None:
+                body["logprobs"] = True
+                body["top_logprobs"] = sampling.logprobs
+        else:
+            body["prompt"] = prompt
+            if sampling.logprobs is not None:
+                body["logprobs"] = sampling.logprobs
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        if not stream:
+            return self._generate_unary(path, body, timeout, chat=chat)
+        body["stream"] = True
+        # Usage on every event (vLLM extension), so a stream closed early still knows its token counts.
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+        return self._generate_stream(path, body, timeout, chat=chat)
+
+    async def _generate_unary(self, path: str, body: dict[str, Any], timeout: float | None, *, chat: bool) -> Completion:
+        payload, url = await self._post_json(path, body, timeout)
+        return _parse_completion(payload, url, chat=chat)
+
+    async def _generate_stream(
+        self, path: str, body: dict[str, Any], timeout: float | None, *, chat: bool
     ) -> AsyncIterator[StreamDelta]:
-        """Server-sent events from /v1/completions or /v1/chat/completions as deltas.
+        """Server-sent events as deltas.
 
         Connection failures before the first byte fail over to another endpoint;
         once text has flowed, an error is raised to the caller.
         """
-        chat = messages is not None
-        path = "/v1/chat/completions" if chat else "/v1/completions"
-        body: dict[str, Any] = {"model": model, **_sampling_body(sampling), "stream": True}
-        body["stream_options"] = {"include_usage": True}
-        if chat:
-            body["messages"] = _messages_body(messages)
-        else:
-            body["prompt"] = prompt
         attempts = _Attempts(self, timeout)
         for endpoint, remaining in attempts:
             request = self._http.build_request("POST", f"{endpoint.url}{path}", json=body, timeout=self._timeout(remaining))
             endpoint.in_flight += 1
+            started = time.perf_counter()
             try:
                 try:
                     response = await self._http.send(request, stream=True)
@@ -293,8 +324,12 @@ class UpstreamClient:
                     metrics.UPSTREAM_ERRORS.labels(endpoint=endpoint.url, kind="stream_broken").inc()
                     raise UpstreamError(f"upstream {endpoint.url} dropped the stream: {exc}") from exc
                 finally:
-                    # Closing mid-stream (client cancelled) drops the connection; vLLM then aborts the request.
+                    # Closing mid-stream (client cancelled, or a filter blocked) drops the connection;
+                    # vLLM then aborts the request.
                     await response.aclose()
+                    metrics.UPSTREAM_REQUEST_SECONDS.labels(endpoint=endpoint.url, path=path).observe(
+                        time.perf_counter() - started
+                    )
                 return
             finally:
                 endpoint.in_flight -= 1
@@ -368,6 +403,10 @@ def _parse_completion(payload: dict[str, Any], url: str, *, chat: bool) -> Compl
 
 
 async def _parse_sse(response: httpx.Response, url: str, *, chat: bool) -> AsyncIterator[StreamDelta]:
+    content_type = response.headers.get("content-type", "")
+    if not content_type.startswith("text/event-stream"):
+        metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
+        raise UpstreamError(f"upstream {url} answered a stream request with {content_type or 'no content type'}, not events")
     async for line in response.aiter_lines():
         if not line.startswith("data:"):
             continue
@@ -380,13 +419,18 @@ async def _parse_sse(response: httpx.Response, url: str, *, chat: bool) -> Async
             metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
             raise UpstreamError(f"upstream {url} sent an event that is not JSON: {data[:200]!r}") from exc
         usage = event.get("usage") or {}
-        for raw in event.get("choices") or []:
-            text = ((raw.get("delta") or {}).get("content") or "") if chat else (raw.get("text") or "")
-            yield StreamDelta(index=int(raw.get("index", 0)), text=text, finish_reason=raw.get("finish_reason"))
+        # Token counts (with continuous usage: on every event) count the event's text too, so they come first.
         if usage:
             yield StreamDelta(
                 index=0,
                 text="",
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),
+                upstream_url=url,
             )
+        for raw in event.get("choices") or []:
+            text = ((raw.get("delta") or {}).get("content") or "") if chat else (raw.get("text") or "")
+            yield StreamDelta(index=int(raw.get("index", 0)), text=text, finish_reason=raw.get("finish_reason"))
+    # vLLM ends every stream with [DONE]; without it the answer may be cut short.
+    metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="stream_broken").inc()
+    raise UpstreamError(f"upstream {url} ended the stream without [DONE]")

@@ -7,17 +7,20 @@ answering garbage or HTTP 500.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-MODES = ("hang", "drop", "garbage", "error500", "stream_garbage", "slow_ok")
+MODES = ("hang", "drop", "garbage", "error500", "stream_garbage", "stream_truncated", "slow_ok")
 
 
+# Fits a completion, a chat completion and (as one event) a stream of either.
 SLOW_OK_BODY = (
     b'{"model": "fault-model", "choices": [{"index": 0, "text": "late but fine", "finish_reason": "stop",'
-    b' "message": {"role": "assistant", "content": "late but fine"}}], "usage": {"prompt_tokens": 3, "completion_tokens": 3}}'
+    b' "message": {"role": "assistant", "content": "late but fine"}, "delta": {"content": "late but fine"}}],'
+    b' "usage": {"prompt_tokens": 3, "completion_tokens": 3}}'
 )
 
 
@@ -52,7 +55,8 @@ class FaultUpstream:
                     self._send(404, b"{}")
 
             def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                streamed = bool(json.loads(body or b"{}").get("stream"))
                 owner.requests.append(self.path)
                 mode = owner.mode
                 if mode == "hang":
@@ -79,9 +83,14 @@ class FaultUpstream:
                     self._send(500, b'{"error": {"message": "engine dead"}}')
                 elif mode == "slow_ok":
                     time.sleep(owner.hang_seconds)
-                    self._send(200, SLOW_OK_BODY)
+                    if streamed:
+                        self._send(200, b"data: " + SLOW_OK_BODY + b"\n\ndata: [DONE]\n\n", "text/event-stream")
+                    else:
+                        self._send(200, SLOW_OK_BODY)
                 elif mode == "stream_garbage":
                     self._send(200, b"data: {not json}\n\n", "text/event-stream")
+                elif mode == "stream_truncated":
+                    self._send(200, b"data: " + SLOW_OK_BODY + b"\n\n", "text/event-stream")  # no [DONE]
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
