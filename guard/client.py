@@ -138,7 +138,11 @@ class GuardClient:
         trace: bool = False,
         timeout: float | None = None,
     ) -> Iterator[str | Answer]:
-        """Yields text pieces as they arrive, then one Answer with the whole text."""
+        """Yields text pieces as they arrive, then one Answer with the whole text.
+
+        On a refusal the last piece and the Answer's text are the refusal text; pieces that
+        arrived before a mid-stream refusal were already shown (the Answer does not include them).
+        """
         request = _request(prompt, policy, max_tokens, temperature, top_p, seed, stop, metadata, trace)
         pieces: list[str] = []
         for message in self.stub.GenerateStream(request, timeout=timeout):
@@ -146,7 +150,7 @@ class GuardClient:
                 pieces.append(message.text)
                 yield message.text
             if message.finish_reason:
-                yield _answer("".join(pieces), message, trace)
+                yield _answer(message.text if message.refusal.refused else "".join(pieces), message, trace)
 
     def list_policies(self, *, timeout: float | None = None) -> list[PolicySummary]:
         response = self.stub.ListPolicies(pb.ListPoliciesRequest(), timeout=timeout)

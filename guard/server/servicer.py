@@ -97,7 +97,8 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
                     continue
                 observation.outcome = "refused" if event.refusal else "ok"
                 self._log("GenerateStream", request, event)
-                final = pb.GenerateStreamResponse()
+                # A refusal (even mid-stream: what was sent stays sent) arrives as the final message's text.
+                final = pb.GenerateStreamResponse(text=event.text if event.refusal else "")
                 convert.fill_result(final, event, with_trace=generate_input.include_trace)
                 yield final
 

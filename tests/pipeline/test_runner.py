@@ -257,3 +257,12 @@ async def test_the_deadline_becomes_the_upstream_timeout():
     async for _ in pipe.stream(CHAT, deadline=time.monotonic() + 30):
         pass
     assert 0 < upstream.calls[0]["timeout"] <= 30
+
+
+async def test_a_unary_block_exposes_nothing():
+    upstream = ScriptedUpstream(["A long enough preamble before it: ", SECRET, " and more"] * 4)
+    count = sample("guard_stream_exposed_chars_count", "unary")
+    result = await pipeline(output_filter(holdback=8, every=4), upstream, name="unary").run(CHAT)
+    assert result.refusal is not None and result.text == "No."
+    assert upstream.aborted  # a unary answer stops the generation early too
+    assert sample("guard_stream_exposed_chars_count", "unary") == count  # nothing reached a client
