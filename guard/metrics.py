@@ -65,6 +65,12 @@ STREAM_EXPOSED_CHARS = Histogram(
     buckets=(0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
     registry=REGISTRY,
 )
+FILTER_FAIL_OPEN = Counter(
+    "guard_filter_fail_open_total",
+    "Requests a filter let through because a rule failed and its on_error is allow.",
+    ["policy", "step", "rule"],
+    registry=REGISTRY,
+)
 TOKENS = Counter(
     "guard_tokens_total",
     "Tokens reported by the upstream, by policy and kind (prompt or completion).",

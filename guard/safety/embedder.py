@@ -74,14 +74,37 @@ class Embedder:
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dimension())
         self.max_seq_length = int(self.model.max_seq_length)
+        # The bundled MiniLM is tokenizer -> BERT -> mean pooling -> L2 norm: calling those directly
+        # skips encode()'s per-call bookkeeping (~1.5 ms of a ~10 ms request on one core).
+        self._direct = spec.model is None
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-length float32 embeddings, one row per text."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self._direct:
+            return self._encode_direct(list(texts))
         return self.model.encode(
             list(texts), batch_size=self.BATCH, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
         ).astype(np.float32, copy=False)
+
+    def _encode_direct(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        tokenizer, bert = self.model.tokenizer, self.model[0].auto_model
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+        with torch.inference_mode():
+            for start in range(0, len(order), self.BATCH):
+                batch = order[start : start + self.BATCH]
+                inputs = tokenizer(
+                    [texts[i] for i in batch], padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
+                )
+                hidden = bert(**inputs).last_hidden_state
+                mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return out
 
 
 class Embedders:

@@ -62,3 +62,12 @@ def test_the_shipped_artefact_records_the_exact_training_data():
         assert "harmbench" not in entry["path"].lower() and "phrasing" not in entry["path"].lower()
     assert 0.0 < artefact.threshold < 1.0
     assert default_artefact_path().is_file()
+
+
+def test_the_direct_encoder_path_equals_sentence_transformers_encode():
+    from guard.safety.embedder import Embedder
+
+    embedder = Embedder()
+    texts = ["short", "a much longer sentence with many more words in it than the first one", "mid length text"]
+    expected = embedder.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(embedder.encode(texts), expected, atol=1e-5)
