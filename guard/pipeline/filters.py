@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 SEMANTIC_WINDOW_WORDS, SEMANTIC_WINDOW_STRIDE, SEMANTIC_MAX_WINDOWS = 96, 64, 64
 # The stretch of a growing answer re-read at each streaming check; a rule's match must fit in it.
 STREAM_WINDOW_WORDS = 96
+_UNFINISHED_WORD = re.compile(r"\w*$")
 
 
 class FilterError(Exception):
@@ -232,5 +234,10 @@ class OutputFilter(_Filter):
         """While streaming, read the newest window of the answer (it overlaps the window checked
         before, so a match split across chunks is seen whole); at the end, read the whole answer."""
         if not final:
-            text = windows(text, words=STREAM_WINDOW_WORDS, stride=STREAM_WINDOW_WORDS // 2)[-1] if text.strip() else text
+            # The last word may be unfinished ("pipe bomb" of "pipe bombastic"): it is read next time,
+            # since the runner holds back at least the newest characters until a later check.
+            text = text[: len(text) - len(_UNFINISHED_WORD.search(text).group(0))]
+            if not text.strip():
+                return None
+            text = windows(text, words=STREAM_WINDOW_WORDS, stride=STREAM_WINDOW_WORDS // 2)[-1]
         return await self._check(ctx, [text], client_conversation(ctx), text)

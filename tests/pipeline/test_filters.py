@@ -239,3 +239,16 @@ async def test_a_failing_guard_model_follows_the_rules_fail_mode_then_the_filter
     assert fail_open._value.get() == before + (0 if refused else 1)
     if refused:
         assert ctx.refusal.rule == "llama-guard"
+
+
+async def test_a_streaming_check_waits_for_the_last_word_to_finish():
+    policy = Policy.model_validate(
+        yaml.safe_load("{name: t, steps: [{type: output_filter, rules: [{name: r, keywords: [pipe bomb]}]}]}")
+    )
+    step = step_class("output_filter")(policy.steps[0], StepDeps(upstream=None))  # type: ignore[arg-type]
+    ctx = context(policy, GenerateInput(prompt="review this"))
+    # "pipe bomb" may yet become "pipe bombastic": not a match until the word ends.
+    assert await step.check_partial(ctx, "what a pipe bomb", final=False) is None
+    assert await step.check_partial(ctx, "what a pipe bombastic review", final=False) is None
+    assert (await step.check_partial(ctx, "what a pipe bomb!", final=False)).rule == "r"
+    assert (await step.check_partial(ctx, "what a pipe bomb", final=True)).rule == "r"
