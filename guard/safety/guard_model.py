@@ -436,13 +436,10 @@ class GuardModelChecker:
         return self._model
 
     async def _complete(self, model: str, prompt: str, sampling: Sampling) -> Completion:
-        """One /v1/completions call. The client's unary API is being renamed from `complete(model, prompt,
-        sampling)` to `generate(model, prompt=..., sampling=..., stream=False)`; either works."""
-        timeout = self.config.timeout_seconds
-        generate = getattr(self._upstream, "generate", None)
-        if generate is not None:
-            return await generate(model, prompt=prompt, sampling=sampling, stream=False, timeout=timeout)
-        return await self._upstream.complete(model, prompt, sampling, timeout=timeout)
+        """One /v1/completions call: the prompt is already in the guard model's own format."""
+        return await self._upstream.generate(
+            model, prompt=prompt, sampling=sampling, stream=False, timeout=self.config.timeout_seconds
+        )
 
     async def _llama_guard(self, model: str, prompt: str) -> GuardVerdict:
         sampling = Sampling(max_tokens=LLAMA_GUARD_MAX_TOKENS, temperature=0.0)

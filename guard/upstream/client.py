@@ -286,16 +286,6 @@ class UpstreamClient:
         body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
         return self._generate_stream(path, body, timeout, chat=chat)
 
-    async def complete(self, model: str, prompt: str, sampling: Sampling, *, timeout: float | None = None) -> Completion:
-        """generate(prompt=..., stream=False), for callers outside the pipeline (guard-model rules)."""
-        return await self.generate(model, prompt=prompt, sampling=sampling, stream=False, timeout=timeout)
-
-    async def chat(
-        self, model: str, messages: Sequence[Message], sampling: Sampling, *, timeout: float | None = None
-    ) -> Completion:
-        """generate(messages=..., stream=False), for callers outside the pipeline (guard-model rules)."""
-        return await self.generate(model, messages=messages, sampling=sampling, stream=False, timeout=timeout)
-
     async def _generate_unary(self, path: str, body: dict[str, Any], timeout: float | None, *, chat: bool) -> Completion:
         payload, url = await self._post_json(path, body, timeout)
         return _parse_completion(payload, url, chat=chat)

@@ -36,12 +36,7 @@ async def upstream(vllm_server):
 
 
 async def unary(client: UpstreamClient, model: str, sampling: Sampling, *, prompt=None, messages=None):
-    """The client's unary call, under its new name (generate) or its old ones (complete / chat)."""
-    if hasattr(client, "generate"):
-        return await client.generate(model, prompt=prompt, messages=messages, sampling=sampling, stream=False)
-    if messages is not None:
-        return await client.chat(model, messages, sampling)
-    return await client.complete(model, prompt, sampling)
+    return await client.generate(model, prompt=prompt, messages=messages, sampling=sampling, stream=False)
 
 
 def checker_for(vllm_server, upstream, **fields) -> GuardModelChecker:

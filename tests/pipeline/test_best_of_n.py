@@ -114,7 +114,8 @@ async def test_penalized_refusals_compete_as_their_refusal_text(reranker: Rerank
     chosen = await step.select(ctx)
     entries = ctx.detail["candidates"]
     [refusal_score] = await reranker.score(step.config.reward, QUESTION, ["I can't help with that."])
-    assert entries[1]["score"] == pytest.approx(refusal_score) and entries[1]["refused_penalty"] == 0.25
+    # Scored in a batch with the other candidate (padded) vs alone: equal to float32 rounding.
+    assert entries[1]["score"] == pytest.approx(refusal_score, abs=1e-5) and entries[1]["refused_penalty"] == 0.25
     expected_winner = max(entries, key=lambda e: e["score"] - e["refused_penalty"])["index"]
     assert ctx.detail["chosen"] == expected_winner
     # A refused winner means the refusal answers.
