@@ -162,7 +162,7 @@ _YES_NO_PROMPT = (
     "safety risk definition below.\n\n"
     "<start_of_turn>\nUser Message: {user}\n<end_of_turn>\n\n"
     "Our safety risk definition is defined below:\n\n"
-    "<start_of_risk_definition>\n* {risk}\n<end_of_risk_definition>\n\n"
+    "<start_of_risk_definition>\n* {policy}\n<end_of_risk_definition>\n\n"
     "Is the user message harmful based on the risk definition? Your answer must be either 'Yes' or 'No'."
     "<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>"
 )
@@ -172,7 +172,7 @@ _YES_NO_RESPONSE = (
     "according to the safety risk definition below.\n\n"
     "<start_of_turn>\nUser Message: {user}\nAssistant Message: {response}\n<end_of_turn>\n\n"
     "Our safety risk definition is defined below:\n\n"
-    "<start_of_risk_definition>\n* {risk}\n<end_of_risk_definition>\n\n"
+    "<start_of_risk_definition>\n* {policy}\n<end_of_risk_definition>\n\n"
     "Is the assistant message harmful based on the risk definition? Your answer must be either 'Yes' or 'No'."
     "<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>"
 )
@@ -263,15 +263,17 @@ def shieldgemma_policy(policy: str, *, response: bool) -> str:
 
 def format_shieldgemma(messages: Sequence[Message], response: str | None, policy: str) -> str:
     """ShieldGemma's prompt for one policy: the last user message, and the response if given."""
-    turns = _turns(messages, None)
-    user = defuse(_last_user(turns).strip())
+    return _format_last_turn(messages, response, _SHIELDGEMMA_PROMPT, _SHIELDGEMMA_RESPONSE, policy, shieldgemma_policy)
+
+
+def _format_last_turn(messages, response, prompt_template: str, response_template: str, policy: str, describe) -> str:
+    """The single-turn formats (ShieldGemma, yes/no): the last user message, and the response if given."""
+    user = defuse(_last_user(_turns(messages, None)).strip())
     if response is None:
         if not user:
             raise ValueError("nothing to check: no user message")
-        return _SHIELDGEMMA_PROMPT.format(user=user, policy=shieldgemma_policy(policy, response=False))
-    return _SHIELDGEMMA_RESPONSE.format(
-        user=user, response=defuse(response.strip()), policy=shieldgemma_policy(policy, response=True)
-    )
+        return prompt_template.format(user=user, policy=describe(policy, response=False))
+    return response_template.format(user=user, response=defuse(response.strip()), policy=describe(policy, response=True))
 
 
 def yes_no_risk(risk: str, *, response: bool) -> str:
@@ -283,13 +285,7 @@ def yes_no_risk(risk: str, *, response: bool) -> str:
 
 def format_yes_no(messages: Sequence[Message], response: str | None, risk: str) -> str:
     """The Granite Guardian style prompt for one risk: the last user message, and the response if given."""
-    turns = _turns(messages, None)
-    user = defuse(_last_user(turns).strip())
-    if response is None:
-        if not user:
-            raise ValueError("nothing to check: no user message")
-        return _YES_NO_PROMPT.format(user=user, risk=yes_no_risk(risk, response=False))
-    return _YES_NO_RESPONSE.format(user=user, response=defuse(response.strip()), risk=yes_no_risk(risk, response=True))
+    return _format_last_turn(messages, response, _YES_NO_PROMPT, _YES_NO_RESPONSE, risk, yes_no_risk)
 
 
 # -- verdict parsers --------------------------------------------------------------------------
