@@ -31,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
         vllm_max_model_len=args.vllm_max_model_len,
         grace_seconds=args.grace,
         log_level=args.log_level,
+        torch_threads=args.torch_threads,
     )
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per upstream HTTP call drowns guard's own request log.
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--vllm-max-model-len", type=int, help="context length for the managed vLLM [2048]")
     serve.add_argument("--grace", type=float, help="seconds in-flight calls get on shutdown [GUARD_GRACE_SECONDS, 10]")
     serve.add_argument("--log-level", help="[GUARD_LOG_LEVEL, INFO]")
+    serve.add_argument("--torch-threads", type=int, help="threads for in-process models [GUARD_TORCH_THREADS, 1]")
     serve.set_defaults(func=_serve)
 
     ask = commands.add_parser("ask", help="send one prompt through guard")

@@ -29,6 +29,11 @@ class Settings:
     grace_seconds: float = 10.0
     poll_seconds: float = 0.5
     log_level: str = "INFO"
+    # torch intra-op threads for in-process models (safety encoders, CPU reward models). One by default:
+    # requests already run concurrently, and several OpenMP threads spin against each other and
+    # against vLLM on a small machine (a 10 ms classifier check measured ~20x slower with 2 threads
+    # on a loaded 2-core machine).
+    torch_threads: int = 1
     cache_dir: Path = field(default_factory=_cache_dir)
 
     @classmethod

@@ -143,6 +143,9 @@ async def _resolve_model(upstream: UpstreamClient, configured: str) -> str:
 
 async def serve(settings: Settings) -> None:
     """Runs until SIGTERM/SIGINT. Starts a managed vLLM when no upstream is configured."""
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
     launcher = None
     urls = list(settings.upstream)
     model = settings.model
