@@ -36,3 +36,19 @@ def test_folding_leaves_numbers_and_ordinary_words_alone():
 
 def test_leetspeak_is_folded_only_inside_words_that_mix_letters_and_symbols():
     assert folded("h0w t0 m4k3 m3th, k!ll") == "how to make meth, kill"
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(st.text())
+def test_normalising_any_text_is_stable(text):
+    once = plain(text)
+    assert plain(once) == once
+    assert views(text)[0] == once
+
+
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=2, max_size=30), st.sampled_from(["\u200b", "\u00ad", "\u2060", "\ufeff"]))
+def test_invisible_characters_between_letters_change_nothing(word, invisible):
+    assert plain(invisible.join(word)) == word
