@@ -49,7 +49,7 @@ def sources() -> list[tuple[str, str, list[str]]]:
     return out
 
 
-def main() -> None:
+def main(out: Path = DATA / "splits") -> None:
     seen: set[str] = set()
     train, heldout = [], []
     for source, label, texts in sources():
@@ -63,8 +63,7 @@ def main() -> None:
         cut = round(len(unique) * HELDOUT_FRACTION)
         heldout += [{"text": t, "label": label, "source": source} for t in unique[:cut]]
         train += [{"text": t, "label": label, "source": source} for t in unique[cut:]]
-    out = DATA / "splits"
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("heldout", heldout)):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         counts = {label: sum(row["label"] == label for row in rows) for label in ("harmful", "benign", "borderline")}

@@ -37,8 +37,8 @@ from guard.types import Message, Refusal
 
 log = logging.getLogger(__name__)
 
-# Semantic rules compare whole short requests; their windows follow the classifier's default.
-SEMANTIC_WINDOW_WORDS, SEMANTIC_WINDOW_STRIDE, SEMANTIC_MAX_WINDOWS = 96, 64, 64
+# Semantic rules compare short requests; their windows follow the classifier's default.
+SEMANTIC_WINDOW_WORDS, SEMANTIC_WINDOW_STRIDE, SEMANTIC_MAX_WINDOWS = 32, 16, 512
 # The stretch of a growing answer re-read at each streaming check; a rule's match must fit in it.
 STREAM_WINDOW_WORDS = 96
 _UNFINISHED_WORD = re.compile(r"\w*$")

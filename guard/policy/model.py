@@ -139,7 +139,11 @@ class ClassifierRule(Strict):
         None, ge=0.0, le=1.0, description="Refuse at this P(harmful) or above; default: the artefact's validated threshold."
     )
     max_windows: int = Field(
-        64, ge=1, le=4096, description="Most encoder windows one request may need; beyond that the filter's on_error applies."
+        512,
+        ge=1,
+        le=8192,
+        description="Most encoder windows (sentences, and 32-word windows overlapping by half) one request may need; "
+        "beyond that the filter's on_error applies.",
     )
 
     @model_validator(mode="after")

@@ -35,8 +35,11 @@ class Layer(_Strict):
 
 
 class WindowSettings(_Strict):
-    words: int = Field(96, ge=8)
-    stride: int = Field(64, ge=1)
+    """Windows about one request long: a short harmful request inside a long text decides its own window
+    instead of being averaged away with the filler around it."""
+
+    words: int = Field(32, ge=8)
+    stride: int = Field(16, ge=1)
 
 
 class Artefact(_Strict):

@@ -1,4 +1,5 @@
-"""Overlapping word windows, so filler cannot push a request past an encoder's length limit.
+"""Overlapping word windows and sentences, so filler can neither push a request past an encoder's
+length limit nor drown it out.
 
 An encoder truncates at its max_seq_length (256 word pieces for MiniLM): whatever comes after is
 never seen. Each text is cut into windows of `words` words that overlap by `words - stride`,
@@ -7,6 +8,7 @@ so every span of up to `words - stride` words lies whole inside some window.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 
@@ -24,11 +26,25 @@ def windows(text: str, *, words: int, stride: int) -> list[str]:
     return [" ".join(tokens[start : start + words]) for start in starts]
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
+
+
+def segments(text: str, *, words: int, stride: int) -> list[str]:
+    """What a classifier reads of one text: the text itself when it fits one window; otherwise each
+    sentence on its own (a request hidden in filler is judged alone, not averaged with the filler)
+    and overlapping word windows over the whole (a request that spans sentences, or has no punctuation)."""
+    whole = windows(text, words=words, stride=stride)
+    if len(whole) <= 1:
+        return whole
+    sentences = [piece for sentence in _SENTENCE_END.split(text) for piece in windows(sentence, words=words, stride=stride)]
+    return list(dict.fromkeys([*sentences, *whole]))
+
+
 def all_windows(texts: Sequence[str], *, words: int, stride: int, limit: int) -> list[str]:
-    """Windows of every text, in the order given (callers put the newest message first)."""
+    """Segments of every text, in the order given (callers put the newest message first)."""
     out: list[str] = []
     for text in texts:
-        out.extend(windows(text, words=words, stride=stride))
+        out.extend(segments(text, words=words, stride=stride))
         if len(out) > limit:
             raise TooManyWindows(f"input needs more than {limit} windows of {words} words")
     return out

@@ -71,3 +71,17 @@ def test_the_direct_encoder_path_equals_sentence_transformers_encode():
     texts = ["short", "a much longer sentence with many more words in it than the first one", "mid length text"]
     expected = embedder.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
     np.testing.assert_allclose(embedder.encode(texts), expected, atol=1e-5)
+
+
+def test_the_committed_splits_are_exactly_what_the_split_script_builds(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("safety_splits", REPO / "scripts" / "safety_splits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(tmp_path)
+    for name in ("train.jsonl", "heldout.jsonl"):
+        assert (tmp_path / name).read_bytes() == (REPO / "data" / "safety" / "splits" / name).read_bytes(), name
+    heldout = {json.loads(line)["text"] for line in (tmp_path / "heldout.jsonl").read_text().splitlines()}
+    train = {json.loads(line)["text"] for line in (tmp_path / "train.jsonl").read_text().splitlines()}
+    assert not heldout & train
