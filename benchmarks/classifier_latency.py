@@ -32,7 +32,6 @@ from benchmarks.harness import percentile  # noqa: E402
 from guard.pipeline import filters  # noqa: E402,F401 - registers the filter steps
 from guard.pipeline.base import Context, StepDeps, step_class  # noqa: E402
 from guard.policy.model import Policy  # noqa: E402
-from guard.safety.classifier import encoder_spec  # noqa: E402
 from guard.safety.embedder import Embedders  # noqa: E402
 from guard.types import GenerateInput, Sampling  # noqa: E402
 
@@ -62,7 +61,7 @@ async def main() -> None:
     for kind in ("patterns", "classifier"):
         policy = filter_policy(kind)
         steps[kind] = (policy, step_class("input_filter")(policy.steps[0], deps))
-    encoder = embedders.get(encoder_spec(steps["classifier"][1].classifiers[0][1]))
+    encoder = embedders.get(steps["classifier"][1].classifiers[0].encoder)
 
     async def check(kind: str, prompt: str) -> None:
         policy, step = steps[kind]

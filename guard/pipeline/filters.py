@@ -21,13 +21,14 @@ import asyncio
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from guard import metrics
 from guard.pipeline.base import Candidate, Context, Step, StepDeps, register_step
-from guard.policy.model import FilterStepBase, InputFilterStep, OutputFilterStep
-from guard.safety.classifier import encoder_spec, load_artefact
+from guard.policy.model import ClassifierRule, FilterStepBase, InputFilterStep, OutputFilterStep
+from guard.safety.classifier import Artefact, Head, encoder_spec, load_artefact
 from guard.safety.embedder import EncoderSpec, model_path
 from guard.safety.guard_model import GuardModelChecker
 from guard.safety.normalize import views
@@ -53,6 +54,23 @@ class FilterError(Exception):
         self.on_error = on_error
 
 
+@dataclass(frozen=True)
+class _Classifier:
+    """A classifier rule with its artefact loaded."""
+
+    rule: ClassifierRule
+    artefact: Artefact
+    head: Head
+    encoder: EncoderSpec
+    threshold: float
+
+    @classmethod
+    def load(cls, rule: ClassifierRule) -> _Classifier:
+        artefact, head = load_artefact(rule.artefact)
+        threshold = rule.threshold if rule.threshold is not None else artefact.threshold
+        return cls(rule, artefact, head, encoder_spec(artefact), threshold)
+
+
 class _Filter(Step[FilterStepBase]):
     stage: str
 
@@ -62,23 +80,18 @@ class _Filter(Step[FilterStepBase]):
         self.patterns = PatternSet(
             [(rule.name, rule.keywords, rule.regex) for rule in config.rules], budget_seconds=config.pattern_budget_seconds
         )
-        self.classifiers = []
-        for rule in config.classifiers:
-            artefact, head = load_artefact(rule.artefact)
-            self.classifiers.append((rule, artefact, head, rule.threshold if rule.threshold is not None else artefact.threshold))
+        self.classifiers = [_Classifier.load(rule) for rule in config.classifiers]
         self.guard_models = [GuardModelChecker(rule, deps.upstream_at(rule.url), deps.default_model) for rule in config.guard_models]
         # A model directory that is not there fails the policy at load, not its first request.
-        for model in {rule.model.model for rule in config.semantic} | {artefact.encoder for _, artefact, _, _ in self.classifiers}:
-            model_path(model)
+        for spec in self.encoders():
+            model_path(spec.model)
         self._exemplars: dict[str, asyncio.Future[np.ndarray]] = {}
         if (config.semantic or config.classifiers) and deps.embedders is None:
             raise ValueError("semantic and classifier rules need an embedding runtime")
 
     def encoders(self) -> set[EncoderSpec]:
         """The encoders this filter embeds with: the server loads them before serving."""
-        return {EncoderSpec(rule.model.model) for rule in self.config.semantic} | {
-            encoder_spec(artefact) for _, artefact, _, _ in self.classifiers
-        }
+        return {EncoderSpec(rule.model.model) for rule in self.config.semantic} | {c.encoder for c in self.classifiers}
 
     # -- the rules ------------------------------------------------------------
 
@@ -115,14 +128,14 @@ class _Filter(Step[FilterStepBase]):
             if hit.any():
                 return rule.name
 
-        for rule, artefact, head, threshold in self.classifiers:
-            words, stride = artefact.windows.words, artefact.windows.stride
-            vectors = await embed(encoder_spec(artefact), words, stride, rule.max_windows, rule.name)
+        for classifier in self.classifiers:
+            rule, cut = classifier.rule, classifier.artefact.windows
+            vectors = await embed(classifier.encoder, cut.words, cut.stride, rule.max_windows, rule.name)
             if not len(vectors):
                 continue
-            score = float(head.probabilities(vectors).max())
+            score = float(classifier.head.probabilities(vectors).max())
             ctx.detail.setdefault("classifier", {})[rule.name] = round(score, 4)
-            if score >= threshold:
+            if score >= classifier.threshold:
                 return rule.name
 
         for checker in self.guard_models:
