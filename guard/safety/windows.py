@@ -42,9 +42,9 @@ def segments(text: str, *, words: int, stride: int) -> list[str]:
 
 def all_windows(texts: Sequence[str], *, words: int, stride: int, limit: int) -> list[str]:
     """Segments of every text, in the order given (callers put the newest message first)."""
-    out: list[str] = []
+    out: dict[str, None] = {}  # ordered set: a turn also read inside the joined conversation is encoded once
     for text in texts:
-        out.extend(segments(text, words=words, stride=stride))
+        out.update(dict.fromkeys(segments(text, words=words, stride=stride)))
         if len(out) > limit:
             raise TooManyWindows(f"input needs more than {limit} windows of {words} words")
-    return out
+    return list(out)
