@@ -1,4 +1,4 @@
-"""The `guard` command: serve, ask, health, policy check|schema, filter train, model prepare."""
+"""The `guard` command: serve, ask, health, policy check|schema, keys new|hash|check, filter train, model prepare."""
 
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ DEFAULT_TARGET = os.environ.get("GUARD_TARGET", "127.0.0.1:50051")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from guard.server.app import serve
+    from guard.app import serve
 
     settings = Settings.from_env(
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
+        api_keys=args.api_keys,
+        allow_policies=args.allow_policies.split(",") if args.allow_policies else None,
         policies=args.policies,
         default_policy=args.default_policy,
         upstream=args.upstream or None,
@@ -58,7 +61,7 @@ def _ask(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     try:
-        with GuardClient(args.target) as client:
+        with GuardClient(args.target, api_key=args.api_key) as client:
             if args.stream:
                 answer = None
                 for event in client.stream(request, **options):
@@ -111,7 +114,7 @@ def _policy_check(args: argparse.Namespace) -> int:
     from guard.safety.embedder import Embedders
 
     # Build every pipeline as the server would (rules compiled, artefacts loaded), without an upstream.
-    pipelines = Pipelines(StepDeps(upstream=None, embedders=Embedders()), default_model="")  # type: ignore[arg-type]
+    pipelines = Pipelines(StepDeps(upstream=None, embedders=Embedders()))  # type: ignore[arg-type]
     result = load_policy_dir(Path(args.directory), build=pipelines.build)
     for loaded in sorted(result.policies.values(), key=lambda p: p.policy.name):
         print(f"ok     {loaded.source}  {loaded.policy.name}@{loaded.version}  steps: {', '.join(s.type for s in loaded.policy.steps) or '-'}")
@@ -169,6 +172,43 @@ def _model_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_new(args: argparse.Namespace) -> int:
+    from guard.access import hash_key, new_key
+
+    key = new_key()
+    # The key goes to stdout once, for the client; only its hash belongs in the key file.
+    print(key)
+    print(f"# add under keys: in the API key file (the key itself is not stored):\n"
+          f"- {{name: {args.name}, tenant: {args.tenant}, sha256: {hash_key(key)}}}", file=sys.stderr)
+    return 0
+
+
+def _keys_hash(args: argparse.Namespace) -> int:
+    from guard.access import hash_key
+
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("error: no key on stdin", file=sys.stderr)
+        return 1
+    print(hash_key(key))
+    return 0
+
+
+def _keys_check(args: argparse.Namespace) -> int:
+    from guard.access.keys import load_key_file
+    from guard.policy.loader import PolicyError
+
+    try:
+        config = load_key_file(Path(args.file))
+    except PolicyError as exc:
+        print(f"error  {exc}", file=sys.stderr)
+        return 1
+    for tenant in config.tenants:
+        keys = sum(1 for key in config.keys if key.tenant == tenant.name)
+        print(f"ok     tenant {tenant.name}: {keys} keys, policies {', '.join(tenant.policies)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard", description="Inference-time alignment proxy in front of vLLM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address [GUARD_HOST, 127.0.0.1]")
     serve.add_argument("--port", type=int, help="gRPC port [GUARD_PORT, 50051]")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port, 0 = off [GUARD_METRICS_PORT, 9464]")
+    serve.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP port, -1 = off [GUARD_HTTP_PORT, 8080]")
+    serve.add_argument("--api-keys", type=Path, help="API key file (tenants, key hashes), hot-reloaded [GUARD_API_KEYS; unset: open]")
+    serve.add_argument(
+        "--allow-policies", help="without an API key file: the only policies callers may use, comma-separated [GUARD_ALLOW_POLICIES]"
+    )
     serve.add_argument("--policies", type=Path, help="policy directory, hot-reloaded [GUARD_POLICIES, ./policies]")
     serve.add_argument("--default-policy", help="policy for requests that name none [GUARD_DEFAULT_POLICY, default]")
     serve.add_argument(
@@ -194,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("prompt", help="the prompt, or - to read stdin")
     ask.add_argument("--target", default=DEFAULT_TARGET, help="guard address [GUARD_TARGET, 127.0.0.1:50051]")
     ask.add_argument("--policy", default="", help="policy name (default: the server's default policy)")
+    ask.add_argument("--api-key", default=os.environ.get("GUARD_API_KEY"), help="API key [GUARD_API_KEY]")
     ask.add_argument("--system", help="client system message (chat mode)")
     ask.add_argument("--raw", action="store_true", help="send as a raw completion prompt instead of a chat message")
     ask.add_argument("--stream", action="store_true", help="print text as it arrives")
@@ -231,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=4, help="epochs when fine-tuning [4]")
     train.add_argument("--encoder-layers", type=int, help="run only the encoder's first N layers (faster) [all]")
     train.set_defaults(func=_filter_train)
+
+    keys = commands.add_parser("keys", help="API keys for the key file").add_subparsers(dest="keys_command", required=True)
+    new = keys.add_parser("new", help="print a new random key (stdout) and its key-file entry (stderr)")
+    new.add_argument("--tenant", required=True)
+    new.add_argument("--name", required=True, help="names the key in logs")
+    new.set_defaults(func=_keys_new)
+    hashed = keys.add_parser("hash", help="print the sha256 entry of a key read from stdin")
+    hashed.set_defaults(func=_keys_hash)
+    check = keys.add_parser("check", help="validate an API key file (exit 1 on error: file:line: path: reason)")
+    check.add_argument("file")
+    check.set_defaults(func=_keys_check)
 
     model = commands.add_parser("model", help="manage the bundled default model").add_subparsers(dest="model_command", required=True)
     prepare = model.add_parser("prepare", help="convert the bundled Gemma 3 270M GGUF for vLLM (cached)")

@@ -93,9 +93,13 @@ def _answer(text: str, message: pb.GenerateResponse | pb.GenerateStreamResponse,
 class GuardClient:
     """Blocking client. `prompt` is a string (completion) or a list of (role, content) / {"role","content"}."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self, target: str = "127.0.0.1:50051", *, api_key: str | None = None, channel: grpc.Channel | None = None
+    ) -> None:
+        """`api_key`: sent as `authorization: Bearer <key>` when the server has an API key file."""
         self.channel = channel or grpc.insecure_channel(target)
         self.stub = guard_pb2_grpc.GuardStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     def __enter__(self) -> GuardClient:
         return self
@@ -121,7 +125,7 @@ class GuardClient:
         timeout: float | None = None,
     ) -> Answer:
         request = _request(prompt, policy, max_tokens, temperature, top_p, seed, stop, metadata, trace)
-        response = self.stub.Generate(request, timeout=timeout)
+        response = self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
         return _answer(response.text, response, trace)
 
     def stream(
@@ -145,7 +149,7 @@ class GuardClient:
         """
         request = _request(prompt, policy, max_tokens, temperature, top_p, seed, stop, metadata, trace)
         pieces: list[str] = []
-        for message in self.stub.GenerateStream(request, timeout=timeout):
+        for message in self.stub.GenerateStream(request, timeout=timeout, metadata=self.metadata):
             if message.text:
                 pieces.append(message.text)
                 yield message.text
@@ -153,7 +157,7 @@ class GuardClient:
                 yield _answer(message.text if message.refusal.refused else "".join(pieces), message, trace)
 
     def list_policies(self, *, timeout: float | None = None) -> list[PolicySummary]:
-        response = self.stub.ListPolicies(pb.ListPoliciesRequest(), timeout=timeout)
+        response = self.stub.ListPolicies(pb.ListPoliciesRequest(), timeout=timeout, metadata=self.metadata)
         return [PolicySummary(p.name, p.version, p.description, p.model, list(p.steps)) for p in response.policies]
 
     def score(
@@ -166,4 +170,4 @@ class GuardClient:
             for item in prompt:
                 role, content = (item["role"], item["content"]) if isinstance(item, dict) else item
                 request.messages.messages.add(role=role, content=content)
-        return list(self.stub.Score(request, timeout=timeout).scores)
+        return list(self.stub.Score(request, timeout=timeout, metadata=self.metadata).scores)

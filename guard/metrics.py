@@ -2,7 +2,8 @@
 
 Names: guard_<area>_<thing>_<unit>, base units (seconds, tokens). Labels only
 ever hold bounded values (policy and step names come from validated policy
-files, unknown policy names collapse to "unknown"); never prompt text.
+files, unknown policy names collapse to "unknown"; tenants come from the key file, anyone else
+is "other"); never prompt text.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05
 
 REQUESTS = Counter(
     "guard_requests_total",
-    "Requests finished, by RPC, policy and outcome (ok, refused, or a gRPC status code name).",
-    ["rpc", "policy", "outcome"],
+    "Requests finished, by RPC (gRPC method or HTTP route), policy, tenant and outcome (ok, refused, or a status code name).",
+    ["rpc", "policy", "tenant", "outcome"],
     registry=REGISTRY,
 )
 REQUEST_SECONDS = Histogram(
@@ -73,8 +74,8 @@ FILTER_FAIL_OPEN = Counter(
 )
 TOKENS = Counter(
     "guard_tokens_total",
-    "Tokens reported by the upstream, by policy and kind (prompt or completion).",
-    ["policy", "kind"],
+    "Tokens reported by the upstream, by policy, tenant and kind (prompt or completion).",
+    ["policy", "tenant", "kind"],
     registry=REGISTRY,
 )
 UPSTREAM_REQUEST_SECONDS = Histogram(

@@ -16,6 +16,12 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9464  # 0 disables the /metrics endpoint
+    # The OpenAI-compatible HTTP door; -1 disables it, 0 picks a free port.
+    http_port: int = 8080
+    # API key file (tenants and key hashes), hot-reloaded; unset: open (meant for loopback).
+    api_keys: Path | None = None
+    # Without a key file: the only policies callers may use (one: a fixed policy); empty: all.
+    allow_policies: list[str] = field(default_factory=list)
     policies: Path = Path("policies")
     default_policy: str = "default"
     # Empty: guard starts and manages a local vLLM server on the default model.
@@ -59,6 +65,8 @@ def _parse(name: str, raw: str, current):
             return int(raw)
         if isinstance(current, float):
             return float(raw)
+        if name == "api_keys":
+            return Path(raw) if raw else None
         if isinstance(current, Path):
             return Path(raw)
         if isinstance(current, list):

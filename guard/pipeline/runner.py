@@ -34,11 +34,11 @@ class TextDelta:
 
 
 class Pipeline:
-    def __init__(self, loaded: LoadedPolicy, deps: StepDeps, default_model: str) -> None:
+    def __init__(self, loaded: LoadedPolicy, deps: StepDeps) -> None:
         self.loaded = loaded
         self.policy = loaded.policy
         self.deps = deps
-        self.model = self.policy.model or default_model
+        self.model = self.policy.model or deps.default_model
         self.steps: list[Step] = [_build_step(index, config, deps) for index, config in enumerate(self.policy.steps)]
         self.selector = next((step for step in self.steps if step.selects), None)
         self.generator = next((step for step in self.steps if step.generates), None)
@@ -55,7 +55,9 @@ class Pipeline:
             policy=self.policy,
             policy_version=self.loaded.version,
             model=self.model,
-            sampling=request.sampling.merged_over(self.policy.sampling.to_sampling()),
+            sampling=self.policy.limits.apply(
+                request.sampling.merged_over(self.policy.sampling.to_sampling()), tuple(self.policy.sampling.stop)
+            ),
             prompt=request.prompt,
             messages=list(request.messages) if request.messages is not None else None,
             deadline=deadline,
@@ -128,7 +130,6 @@ class Pipeline:
                 async for piece in answer:
                     pieces.append(piece)
                     yield TextDelta(piece)
-            self._count_tokens(result.usage)
             result.text = "".join(pieces)
         if ctx.refusal is not None:
             metrics.REFUSALS.labels(policy=self.policy.name, step=ctx.refusal.step, stage=ctx.refusal.stage).inc()
@@ -231,10 +232,6 @@ class Pipeline:
         if chosen.text:
             yield chosen.text
 
-    def _count_tokens(self, usage: Usage) -> None:
-        metrics.TOKENS.labels(policy=self.policy.name, kind="prompt").inc(usage.prompt_tokens)
-        metrics.TOKENS.labels(policy=self.policy.name, kind="completion").inc(usage.completion_tokens)
-
 
 class _Checks:
     """The moderating steps' check_partial calls over one stream: first refusal wins; one trace entry per step."""
@@ -269,9 +266,8 @@ class _Checks:
 class Pipelines:
     """Pipeline per policy version, built when the policy loads (`build`, the store's builder) or on first use."""
 
-    def __init__(self, deps: StepDeps, default_model: str) -> None:
+    def __init__(self, deps: StepDeps) -> None:
         self.deps = deps
-        self.default_model = default_model
         self._cache: dict[tuple[str, str], Pipeline] = {}
 
     def build(self, loaded: LoadedPolicy) -> Pipeline:
@@ -279,7 +275,7 @@ class Pipelines:
         key = (loaded.policy.name, loaded.version)
         pipeline = self._cache.get(key)
         if pipeline is None:
-            pipeline = Pipeline(loaded, self.deps, self.default_model)
+            pipeline = Pipeline(loaded, self.deps)
             # Older versions of the policy are no longer served: drop them.
             for old in [k for k in self._cache if k[0] == key[0]]:
                 del self._cache[old]

@@ -16,7 +16,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -27,6 +27,7 @@ POLICY_SUFFIXES = (".yaml", ".yml")
 VERSION_LENGTH = 12
 
 Loc = tuple[int | str, ...]
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,21 @@ def load_policy_text(
     return loaded
 
 
+def load_yaml_model(text: str, source: str, model: type[M]) -> M:
+    """Validates a YAML document (another config file guard reads, such as the API key file) into
+    `model`, with the same file:line: path: reason errors as policies (raised as PolicyError)."""
+    node, data = _parse(text, source, what=f"{model.__name__} keys")
+    issues = _duplicate_keys(node, source, ())
+    try:
+        value = model.model_validate(data)
+    except ValidationError as exc:
+        issues += [_issue_for(error, node, data, source, model) for error in exc.errors()]
+        raise PolicyError(sorted(issues, key=lambda issue: issue.line or 0)) from None
+    if issues:
+        raise PolicyError(issues)
+    return value
+
+
 def load_policy_file(path: Path | str, *, build: Builder | None = None) -> LoadedPolicy:
     path = Path(path)
     try:
@@ -154,7 +170,7 @@ def duplicate_name_error(path: Path, name: str, other: str) -> PolicyError:
     return PolicyError([PolicyIssue(str(path), None, "name", f"policy {name!r} is already defined in {other}")])
 
 
-def _parse(text: str, source: str) -> tuple[yaml.MappingNode, dict[Any, Any]]:
+def _parse(text: str, source: str, what: str = "policy keys (name, steps, ...)") -> tuple[yaml.MappingNode, dict[Any, Any]]:
     """The document's node tree (for line numbers) and the plain data built from it."""
     loader = yaml.SafeLoader(text)
     try:
@@ -169,10 +185,10 @@ def _parse(text: str, source: str) -> tuple[yaml.MappingNode, dict[Any, Any]]:
     finally:
         loader.dispose()
     if node is None:
-        raise PolicyError([PolicyIssue(source, 1, "", "empty file: expected a mapping with at least a 'name' key")])
+        raise PolicyError([PolicyIssue(source, 1, "", f"empty file: expected a mapping of {what}")])
     if not isinstance(node, yaml.MappingNode):
         kind = "a list" if isinstance(node, yaml.SequenceNode) else f"the value {node.value!r}"
-        reason = f"the top level must be a mapping of policy keys (name, steps, ...), not {kind}"
+        reason = f"the top level must be a mapping of {what}, not {kind}"
         raise PolicyError([PolicyIssue(source, _line(node), "", reason)])
     return node, data
 
@@ -196,7 +212,7 @@ def _duplicate_keys(node: yaml.Node, source: str, loc: Loc) -> list[PolicyIssue]
     return issues
 
 
-def _issue_for(error: Any, root: yaml.Node, data: Any, source: str) -> PolicyIssue:
+def _issue_for(error: Any, root: yaml.Node, data: Any, source: str, model: type[BaseModel] = Policy) -> PolicyIssue:
     loc: Loc = tuple(error["loc"])
     kind = error["type"]
     if kind == "union_tag_invalid":
@@ -204,7 +220,7 @@ def _issue_for(error: Any, root: yaml.Node, data: Any, source: str) -> PolicyIss
     path, line = _locate(root, data, loc)
     reason = error["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
-        reason = _unknown_key_reason(loc)
+        reason = _unknown_key_reason(loc, model)
     elif kind == "union_tag_invalid":
         reason = f"unknown type {error['ctx']['tag']!r} (expected one of: {error['ctx']['expected_tags']})"
     elif kind == "union_tag_not_found":
@@ -265,9 +281,9 @@ def format_path(loc: Loc) -> str:
     return text
 
 
-def _unknown_key_reason(loc: Loc) -> str:
+def _unknown_key_reason(loc: Loc, root: type[BaseModel]) -> str:
     key = loc[-1]
-    model = _model_at(loc[:-1])
+    model = _model_at(loc[:-1], root)
     if model is None:
         return f"unknown key {key!r}"
     allowed = sorted(model.model_fields)
@@ -276,9 +292,9 @@ def _unknown_key_reason(loc: Loc) -> str:
     return f"unknown key {key!r} ({hint}allowed: {', '.join(allowed)})"
 
 
-def _model_at(loc: Loc) -> type[BaseModel] | None:
+def _model_at(loc: Loc, root: type[BaseModel]) -> type[BaseModel] | None:
     """The model class validating the mapping at `loc`, to list its keys; None if ambiguous."""
-    candidates: list[Any] = [Policy]
+    candidates: list[Any] = [root]
     for part in loc:
         following: list[Any] = []
         for annotation in candidates:

@@ -42,6 +42,38 @@ class SamplingDefaults(Strict):
         )
 
 
+class SamplingLimits(Strict):
+    """Ceilings the client cannot raise (defaults in `sampling` are only defaults)."""
+
+    max_tokens: int | None = Field(
+        None, ge=1, le=32768, description="Most tokens one answer may take: larger client values, and an unset one, become this."
+    )
+    max_temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="Highest sampling temperature: larger client values (and vLLM's default 1.0) become this."
+    )
+    pin_stop: bool = Field(
+        False, description="The policy's `sampling.stop` strings always apply; a client's stop strings are added to them."
+    )
+    max_n: int = Field(
+        1, ge=1, le=16, description="Most choices (`n`) one OpenAI-door request may ask for; each choice runs the whole policy."
+    )
+
+    def apply(self, sampling: Sampling, pinned_stop: tuple[str, ...]) -> Sampling:
+        """`sampling` (client values over the policy's defaults) held within these limits."""
+        changes: dict = {}
+        if self.max_tokens is not None:
+            changes["max_tokens"] = min(sampling.max_tokens or self.max_tokens, self.max_tokens)
+        if self.max_temperature is not None:
+            temperature = sampling.temperature if sampling.temperature is not None else VLLM_DEFAULT_TEMPERATURE
+            changes["temperature"] = min(temperature, self.max_temperature)
+        if self.pin_stop:
+            changes["stop"] = tuple(dict.fromkeys(pinned_stop + sampling.stop))
+        return sampling.with_(**changes) if changes else sampling
+
+
+VLLM_DEFAULT_TEMPERATURE = 1.0
+
+
 class StepBase(Strict):
     name: str | None = Field(
         None, pattern=NAME_PATTERN, description="Name shown in traces and metrics; defaults to the step type."
@@ -221,6 +253,9 @@ class Policy(Strict):
         None, description="Upstream model name (a base model or a LoRA adapter vLLM serves); default: the server's."
     )
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults, description="Default sampling parameters.")
+    limits: SamplingLimits = Field(
+        default_factory=SamplingLimits, description="Sampling ceilings clients cannot raise (max_tokens, temperature, stop, n)."
+    )
     refusal: str = Field(
         "I can't help with that request.", min_length=1, description="Default refusal text for filters."
     )
@@ -236,4 +271,21 @@ class Policy(Strict):
             seen.add(name)
         if sum(1 for step in self.steps if step.type == "best_of_n") > 1:
             raise ValueError("at most one best_of_n step per policy")
+        return self
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> Policy:
+        limits, defaults = self.limits, self.sampling
+        if limits.max_tokens is not None and defaults.max_tokens is not None and defaults.max_tokens > limits.max_tokens:
+            raise ValueError(f"sampling.max_tokens ({defaults.max_tokens}) is above limits.max_tokens ({limits.max_tokens})")
+        if (
+            limits.max_temperature is not None
+            and defaults.temperature is not None
+            and defaults.temperature > limits.max_temperature
+        ):
+            raise ValueError(
+                f"sampling.temperature ({defaults.temperature}) is above limits.max_temperature ({limits.max_temperature})"
+            )
+        if limits.pin_stop and not defaults.stop:
+            raise ValueError("limits.pin_stop needs stop strings in sampling.stop")
         return self

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 
 import grpc
 
-from guard.server.errors import status_for
+from guard.errors import ResourceExhausted, status_for
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,9 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
         log.exception("%s failed", method, exc_info=exc)
     else:
         log.info("%s -> %s: %s", method, code.name, message)
+    if isinstance(exc, ResourceExhausted):
+        # gRPC's retry pushback: a client with a retry policy waits this long before trying again.
+        context.set_trailing_metadata((("grpc-retry-pushback-ms", str(math.ceil(exc.retry_after * 1000))),))
     await context.abort(code, message)
 
 

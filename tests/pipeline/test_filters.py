@@ -31,7 +31,7 @@ def embedders():
 @pytest.fixture(scope="module")
 def safe_assistant(embedders):
     loaded = load_policy_file(REPO / "policies" / "safe-assistant.yaml")
-    return Pipelines(StepDeps(upstream=None, embedders=embedders), default_model="m").build(loaded)  # type: ignore[arg-type]
+    return Pipelines(StepDeps(upstream=None, embedders=embedders, default_model="m")).build(loaded)  # type: ignore[arg-type]
 
 
 def context(policy: Policy, request: GenerateInput) -> Context:
@@ -162,7 +162,7 @@ def test_a_classifier_rule_with_a_missing_artefact_is_rejected_at_its_line():
 
 
 def test_a_policy_that_cannot_be_built_is_rejected_and_the_last_good_version_serves(tmp_path, embedders):
-    pipelines = Pipelines(StepDeps(upstream=None, embedders=embedders), default_model="m")  # type: ignore[arg-type]
+    pipelines = Pipelines(StepDeps(upstream=None, embedders=embedders, default_model="m"))  # type: ignore[arg-type]
     store = PolicyStore(tmp_path, build=pipelines.build)
     good = "name: p\nsteps:\n  - type: input_filter\n    rules: [{name: r, keywords: [x]}]\n"
     (tmp_path / "p.yaml").write_text(good)
@@ -179,7 +179,7 @@ def test_a_policy_that_cannot_be_built_is_rejected_and_the_last_good_version_ser
 
 def test_every_shipped_policy_builds(tmp_path, embedders):
     shutil.copytree(REPO / "policies", tmp_path / "policies")
-    pipelines = Pipelines(StepDeps(upstream=None, embedders=embedders), default_model="m")  # type: ignore[arg-type]
+    pipelines = Pipelines(StepDeps(upstream=None, embedders=embedders, default_model="m"))  # type: ignore[arg-type]
     store = PolicyStore(tmp_path / "policies", build=pipelines.build)
     store.reload_now()
     assert not store.last_errors

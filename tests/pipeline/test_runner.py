@@ -72,7 +72,7 @@ class LengthReranker:
 def pipeline(steps_yaml: str, upstream: ScriptedUpstream, name: str = "t") -> Pipeline:
     policy = Policy.model_validate({"name": name, "refusal": "No.", "steps": yaml.safe_load(steps_yaml) or []})
     loaded = LoadedPolicy(policy=policy, version="v1", source=None)  # type: ignore[arg-type]
-    return Pipeline(loaded, StepDeps(upstream=upstream, reranker=LengthReranker()), "m")  # type: ignore[arg-type]
+    return Pipeline(loaded, StepDeps(upstream=upstream, reranker=LengthReranker(), default_model="m"))  # type: ignore[arg-type]
 
 
 def output_filter(holdback: int, every: int, keyword: str = SECRET) -> str:

@@ -1,5 +1,6 @@
-"""Assembles guard: policy store, upstream client, reranker, pipelines, gRPC server,
-health, reflection and /metrics; and shuts it all down gracefully."""
+"""Assembles guard: policy store, access control, upstream client, reranker, pipelines, the
+shared GuardService, its two doors (gRPC with health and reflection; the OpenAI HTTP API) and
+/metrics; and shuts it all down gracefully."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from guard import metrics
+from guard.access import AccessControl
+from guard.http.app import OpenAIDoor
+from guard.http.server import HttpServer
 from guard.pipeline.base import StepDeps
 from guard.pipeline.runner import Pipelines
 from guard.policy.store import PolicyStore
@@ -19,6 +23,7 @@ from guard.rerank import Reranker
 from guard.safety.embedder import Embedders
 from guard.server.interceptors import ExceptionInterceptor
 from guard.server.servicer import GuardServicer
+from guard.service import GuardService
 from guard.settings import Settings
 from guard.upstream.client import UpstreamClient
 from guard.v1 import guard_pb2, guard_pb2_grpc
@@ -39,7 +44,7 @@ class GuardApp:
         self.reranker = Reranker(observer=metrics.RerankMetrics())
         self.embedders = Embedders()
         self.deps = StepDeps(upstream=upstream, reranker=self.reranker, embedders=self.embedders, default_model=model)
-        self.pipelines = Pipelines(self.deps, default_model=model)
+        self.pipelines = Pipelines(self.deps)
         # Policies are built as they load: one whose steps cannot run is rejected, the last good one serves.
         self.store = PolicyStore(
             settings.policies,
@@ -48,18 +53,29 @@ class GuardApp:
             build=self.pipelines.build,
         )
         self.store.on_reload(self._count_reload)
+        self.access = AccessControl(
+            settings.api_keys, allow_policies=settings.allow_policies, poll_interval=settings.poll_seconds
+        )
+        self.service = GuardService(self.store, self.pipelines, self.access)
+        self.serving = False
+        self.http = (
+            HttpServer(OpenAIDoor(self.service, lambda: self.serving).app(), settings.host, settings.http_port, settings.grace_seconds)
+            if settings.http_port >= 0
+            else None
+        )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[ExceptionInterceptor()],
             options=[("grpc.so_reuseport", 0)],
         )
-        guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(self.store, self.pipelines), self.server)
+        guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(self.service), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
         self.port = 0
+        self.http_port = 0
         self._health_task: asyncio.Task | None = None
         self._metrics_server = None
 
@@ -71,6 +87,7 @@ class GuardApp:
         self.store.reload_now()
         metrics.POLICIES_LOADED.set(len(self.store.list()))
         await self.store.start()
+        await self.access.start()
         await self.upstream.start()
         # Embedding models take seconds to load: before SERVING, not on the first request.
         for encoder in sorted(self._encoders(), key=str):
@@ -79,15 +96,23 @@ class GuardApp:
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC port {self.settings.host}:{self.settings.port}")
         await self.server.start()
+        if self.http is not None:
+            self.http_port = await self.http.start()
         if self.settings.metrics_port:
             self._metrics_server, _ = metrics.serve_metrics(self.settings.metrics_port, self.settings.host)
         await self._set_health()
         self._health_task = asyncio.create_task(self._health_loop(), name="health")
         log.info(
-            "guard serving on %s:%d (model %s, policies %s, metrics :%s)",
-            self.settings.host, self.port, self.model, ", ".join(sorted(p.policy.name for p in self.store.list())),
-            self.settings.metrics_port or "off",
+            "guard serving gRPC on %s:%d, OpenAI HTTP on %s (model %s, policies %s, metrics :%s, %s)",
+            self.settings.host, self.port, f":{self.http_port}" if self.http else "off", self.model,
+            ", ".join(sorted(p.policy.name for p in self.store.list())), self.settings.metrics_port or "off",
+            f"API keys from {self.settings.api_keys}" if self.settings.api_keys else "open: no API keys",
         )
+        if self.access.open and self.settings.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "no --api-keys file and listening on %s: anyone who can reach guard may use %s",
+                self.settings.host, ", ".join(self.settings.allow_policies) or "every policy, the passthrough included",
+            )
         return self.port
 
     def _encoders(self) -> set:
@@ -101,6 +126,7 @@ class GuardApp:
     async def _set_health(self, serving: bool | None = None) -> None:
         if serving is None:
             serving = self.upstream.any_healthy
+        self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
@@ -115,9 +141,13 @@ class GuardApp:
         if self._health_task is not None:
             self._health_task.cancel()
             self._health_task = None
+        self.serving = False
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        grace = self.settings.grace_seconds if grace is None else grace
+        http_drained = self.http.stop() if self.http is not None else asyncio.sleep(0)
+        await asyncio.gather(self.server.stop(grace), http_drained)
         await self.store.stop()
+        await self.access.stop()
         await self.reranker.close()
         self.embedders.close()
         for client in self.deps.other_upstreams.values():

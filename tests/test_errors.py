@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from guard.server import convert
-from guard.server.errors import InvalidArgument, status_for
+from guard.errors import InvalidArgument, status_for
 from guard.upstream.client import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from guard.v1 import guard_pb2 as pb
 

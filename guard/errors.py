@@ -1,7 +1,8 @@
-"""Request validation messages and the mapping from exceptions to gRPC status codes.
+"""Request validation messages and the mapping from exceptions to status codes.
 
-Every message names the field it is about, so a client can fix the request
-without reading guard's code.
+Both doors share these: gRPC sends the status code, the HTTP door maps it to an HTTP
+status (guard.http.errors). Every message names the field it is about, so a client can
+fix the request without reading guard's code.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ import grpc
 
 class Invalid(str, enum.Enum):
     INPUT_MISSING = "input: set exactly one of prompt or messages"
-    PROMPT_EMPTY = "prompt: must not be empty"
-    MESSAGES_EMPTY = "messages: must contain at least one message"
-    MESSAGE_ROLE = "messages[{index}].role: must be one of system, user, assistant (got {value!r})"
-    MAX_TOKENS = "sampling.max_tokens: must be between 1 and {limit} (got {value})"
-    TEMPERATURE = "sampling.temperature: must be >= 0.0 and <= 2.0 (got {value})"
-    TOP_P = "sampling.top_p: must be > 0.0 and <= 1.0 (got {value})"
-    STOP = "sampling.stop: at most 8 strings, each non-empty (got {value!r})"
+    PROMPT_EMPTY = "{field}: must not be empty"
+    MESSAGES_EMPTY = "{field}: must contain at least one message"
+    MESSAGE_ROLE = "{field}[{index}].role: must be one of {allowed} (got {value!r})"
+    MAX_TOKENS = "{field}: must be between 1 and {limit} (got {value})"
+    TEMPERATURE = "{field}: must be >= 0.0 and <= 2.0 (got {value})"
+    TOP_P = "{field}: must be > 0.0 and <= 1.0 (got {value})"
+    STOP = "{field}: at most {limit} strings, each non-empty (got {value!r})"
+    N = "{field}: policy {policy!r} allows at most {limit} choices per request (got {value})"
     CANDIDATES_EMPTY = "candidates: must contain at least one candidate"
     CANDIDATES_TOO_MANY = "candidates: at most {limit} candidates (got {value})"
-    METADATA = "metadata: at most 32 entries of at most 256 characters each"
+    METADATA = "metadata: at most {entries} entries of at most {chars} characters each"
     NO_REWARD = "policy: policy {value!r} has no best_of_n step, so it has no reward source to score with"
 
     def format(self, **values) -> str:  # type: ignore[override]
@@ -42,6 +44,32 @@ class GuardError(Exception):
 
 class InvalidArgument(GuardError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Cancelled(GuardError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class NotFound(GuardError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unauthenticated(GuardError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(GuardError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(GuardError):
+    """Too many requests; `retry_after` seconds is when trying again can succeed."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

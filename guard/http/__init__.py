@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP door (Starlette on uvicorn), on the same GuardService as gRPC."""

@@ -1,0 +1,424 @@
+"""The OpenAI-compatible HTTP door: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+A Starlette app on the same process, event loop and GuardService as the gRPC door: the same
+admission (keys, tenants, policies, rate limits), the same pipeline, the same metrics. Streaming
+is the engine here too: a unary response is the stream, collected.
+
+OpenAI's shapes, with guard's additions under `guard` keys (ignored by OpenAI clients):
+- a refusal is a normal completion: finish_reason "content_filter", the refusal text as content
+  (and as the chat message's `refusal`), the refusal details under the choice's `guard.refusal`;
+- `guard.policy` and `guard.policy_version` on the response (also X-Guard-Policy(-Version) headers);
+- the trace under the choice's `guard.trace` when asked for with `X-Guard-Trace: 1` and allowed.
+Policy: `model` = "guard/<policy>" (or the bare policy name), else the X-Guard-Policy header,
+else the key's tenant default, else the server default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import grpc
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from guard.errors import Cancelled, Invalid, InvalidArgument, ResourceExhausted, status_for
+from guard.http.openai_types import (
+    POLICY_PREFIX,
+    ChatCompletionRequest,
+    CompletionRequest,
+    finish_reason,
+    requested_policy,
+)
+from guard.pipeline.runner import TextDelta
+from guard.policy.loader import format_path
+from guard.service import Admission, GuardService, Observation, trace_of, visible_refusal
+from guard.types import GenerateInput, GenerateResult
+
+log = logging.getLogger(__name__)
+
+# gRPC status -> (HTTP status, OpenAI error type).
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),  # nginx's "client closed request": nobody reads it
+}
+TRUE = ("1", "true", "yes")
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(HTTP status, OpenAI error JSON, headers) for any failure."""
+    code, message = status_for(exc)
+    status, kind = HTTP_STATUS.get(code, (500, "server_error"))
+    if status == 500:
+        log.error("internal error", exc_info=exc)
+    param = message.split(":", 1)[0] if code == grpc.StatusCode.INVALID_ARGUMENT and ":" in message else None
+    headers = {}
+    if isinstance(exc, ResourceExhausted):
+        # OpenAI's SDKs wait retry-after-ms (else retry-after) before retrying a 429.
+        headers = {"retry-after": str(max(1, math.ceil(exc.retry_after))), "retry-after-ms": str(math.ceil(exc.retry_after * 1000))}
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code.name.lower()}}, headers
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, body, headers = error_body(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _parse(body: bytes, model: type[BaseModel]):
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        path = format_path(tuple(error["loc"])) or "body"
+        if error["type"] == "json_invalid":
+            raise InvalidArgument(f"body: not valid JSON ({error['msg']})") from None
+        raise InvalidArgument(f"{path}: {error['msg']}") from None
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose producer is cancelled as soon as the client disconnects (so the
+    upstream request is closed and vLLM stops generating), not only at the next write."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def stream() -> None:
+                await self.stream_response(send)
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
+
+
+async def _until_disconnected(request: Request, work):
+    """Runs `work`, cancelling it (and so closing its upstream request) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if gone:
+            raise Cancelled("the client disconnected") from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+class _Reply:
+    """What one generation request needs to render its answer in OpenAI's shapes."""
+
+    def __init__(self, chat: bool, admission: Admission, include_usage: bool) -> None:
+        self.chat = chat
+        self.admission = admission
+        self.include_usage = include_usage
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = POLICY_PREFIX + admission.policy
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def guard_fields(self) -> dict[str, Any]:
+        return {"policy": self.admission.policy, "policy_version": self.admission.loaded.version}
+
+    def choice_extension(self, result: GenerateResult) -> dict[str, Any]:
+        refusal = None
+        if result.refusal is not None:
+            shown = visible_refusal(self.admission, result.refusal)
+            refusal = {"stage": shown.stage, "step": shown.step, "rule": shown.rule, "reason": shown.reason}
+        extension: dict[str, Any] = {"refusal": refusal}
+        if self.admission.with_trace:
+            extension["trace"] = trace_of(result)
+        return extension
+
+    def usage(self, results: list[GenerateResult]) -> dict[str, int]:
+        prompt = sum(r.usage.prompt_tokens for r in results)
+        completion = sum(r.usage.completion_tokens for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def response(self, results: list[GenerateResult]) -> dict[str, Any]:
+        choices = []
+        for index, result in enumerate(results):
+            choice: dict[str, Any] = {"index": index}
+            if self.chat:
+                refusal = result.text if result.refusal else None
+                choice["message"] = {"role": "assistant", "content": result.text, "refusal": refusal}
+            else:
+                choice["text"] = result.text
+            choice.update(logprobs=None, finish_reason=finish_reason(result.finish_reason), guard=self.choice_extension(result))
+            choices.append(choice)
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(results),
+            "guard": self.guard_fields(),
+        }
+
+    def chunk(self, index: int, *, text: str | None = None, role: bool = False, result: GenerateResult | None = None) -> str:
+        choice: dict[str, Any] = {"index": index}
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["text"] = text or ""
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish_reason(result.finish_reason) if result is not None else None
+        payload: dict[str, Any] = {
+            "id": self.id,
+            "object": self.object + ".chunk" if self.chat else self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+        if result is not None:
+            choice["guard"] = self.choice_extension(result)
+            payload["guard"] = self.guard_fields()
+        if self.include_usage:
+            payload["usage"] = None
+        return _sse(payload)
+
+    def usage_chunk(self, results: list[GenerateResult]) -> str:
+        return _sse(
+            {
+                "id": self.id,
+                "object": self.object + ".chunk" if self.chat else self.object,
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": self.usage(results),
+            }
+        )
+
+
+class OpenAIDoor:
+    def __init__(self, service: GuardService, serving: Callable[[], bool]) -> None:
+        self.service = service
+        self.serving = serving
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+            ]
+        )
+
+    async def health(self, request: Request) -> Response:
+        if self.serving():
+            return JSONResponse({"status": "SERVING"})
+        return JSONResponse({"status": "NOT_SERVING"}, status_code=503)
+
+    async def models(self, request: Request) -> Response:
+        observation = self.service.begin("models")
+        try:
+            tenant = self.service.authenticate(request.headers.get("authorization"))
+            observation.tenant = tenant
+            data = [
+                {
+                    "id": POLICY_PREFIX + loaded.policy.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "guard",
+                    "guard": {
+                        "policy_version": loaded.version,
+                        "description": loaded.policy.description,
+                        "upstream_model": loaded.policy.model or self.service.default_model,
+                        "steps": [step.type for step in loaded.policy.steps],
+                    },
+                }
+                for loaded in self.service.policies(tenant)
+            ]
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
+            observation.finish(exc)
+            return error_response(exc)
+        observation.finish()
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, ChatCompletionRequest, "chat.completions")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, CompletionRequest, "completions")
+
+    async def _generate(self, request: Request, model: type[ChatCompletionRequest | CompletionRequest], rpc: str) -> Response:
+        observation = self.service.begin(rpc)
+        try:
+            tenant = self.service.authenticate(request.headers.get("authorization"))
+            observation.tenant = tenant
+            body = _parse(await request.body(), model)
+            generate_input = body.to_input()
+            visible = {loaded.policy.name for loaded in self.service.policies(tenant)}
+            served_models = {self.service.default_model} | {
+                loaded.policy.model for loaded in self.service.store.list() if loaded.policy.model
+            }
+            policy = requested_policy(body.model, request.headers.get("x-guard-policy"), visible, served_models)
+            trace = request.headers.get("x-guard-trace", "").lower() in TRUE
+            admission = self.service.admit(tenant, policy, trace=trace)
+            observation.admitted(admission)
+            max_n = admission.loaded.policy.limits.max_n
+            if body.n > max_n:
+                raise InvalidArgument(Invalid.N.format(field="n", policy=admission.policy, limit=max_n, value=body.n))
+            inputs = _choices(generate_input, body.n)
+            deadline = _deadline(request.headers.get("x-guard-timeout-seconds"))
+            reply = _Reply(model is ChatCompletionRequest, admission, bool(body.stream_options and body.stream_options.include_usage))
+            headers = {"x-guard-policy": admission.policy, "x-guard-policy-version": admission.loaded.version}
+            events = self._events(admission, inputs, deadline)
+            if body.stream:
+                # The first event is awaited before answering, so that a failure before any text
+                # (upstream down, deadline) is still an HTTP error status rather than a broken stream.
+                first = await _until_disconnected(request, anext(events))
+                return EventStream(self._stream(reply, first, events, observation), headers=headers)
+            results = await _until_disconnected(request, _collect(events, len(inputs)))
+        except BaseException as exc:
+            observation.finish(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return error_response(exc)
+        observation.answered(results[0])
+        observation.finish()
+        return JSONResponse(reply.response(results), headers=headers)
+
+    async def _events(
+        self, admission: Admission, inputs: list[GenerateInput], deadline: float | None
+    ) -> AsyncIterator[tuple[int, TextDelta | GenerateResult]]:
+        """(choice index, event) of every choice's stream; choices run concurrently, each the whole policy."""
+        if len(inputs) == 1:
+            async with contextlib.aclosing(self.service.stream(admission, inputs[0], deadline=deadline, door="http")) as events:
+                async for event in events:
+                    yield 0, event
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, generate_input: GenerateInput) -> None:
+            try:
+                stream = self.service.stream(admission, generate_input, deadline=deadline, door="http")
+                async with contextlib.aclosing(stream) as events:
+                    async for event in events:
+                        await queue.put((index, event))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                await queue.put((index, exc))
+
+        tasks = [asyncio.create_task(pump(index, item)) for index, item in enumerate(inputs)]
+        try:
+            unfinished = len(tasks)
+            while unfinished:
+                index, event = await queue.get()
+                if isinstance(event, Exception):
+                    raise event
+                if isinstance(event, GenerateResult):
+                    unfinished -= 1
+                yield index, event
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream(self, reply: _Reply, first, events, observation: Observation) -> AsyncIterator[str]:
+        results: dict[int, GenerateResult] = {}
+        started: set[int] = set()
+        async def from_first():
+            yield first
+            async for item in events:
+                yield item
+
+        try:
+            async for index, event in from_first():
+                role = reply.chat and index not in started
+                started.add(index)
+                if isinstance(event, TextDelta):
+                    yield reply.chunk(index, text=event.text, role=role)
+                    continue
+                results[index] = event
+                # A refusal's text follows whatever was already sent (as in the gRPC stream's final message).
+                yield reply.chunk(index, text=event.text if event.refusal else None, role=role, result=event)
+            ordered = [results[index] for index in sorted(results)]
+            if reply.include_usage:
+                yield reply.usage_chunk(ordered)
+            yield "data: [DONE]\n\n"
+            observation.answered(ordered[0])
+            observation.finish()
+        except Exception as exc:  # noqa: BLE001 - the status line is sent: report it in the stream, as vLLM does
+            observation.finish(exc)
+            yield _sse(error_body(exc)[1])
+        except BaseException as exc:
+            observation.finish(exc)
+            raise
+        finally:
+            await events.aclose()
+
+
+def _choices(generate_input: GenerateInput, n: int) -> list[GenerateInput]:
+    """n independent requests; with a seed, choice i samples with seed + i (else every choice would be the same)."""
+    if n == 1:
+        return [generate_input]
+    seed = generate_input.sampling.seed
+    return [
+        GenerateInput(
+            prompt=generate_input.prompt,
+            messages=generate_input.messages,
+            policy=generate_input.policy,
+            sampling=generate_input.sampling if seed is None else generate_input.sampling.with_(seed=seed + index),
+            metadata=generate_input.metadata,
+            include_trace=generate_input.include_trace,
+        )
+        for index in range(n)
+    ]
+
+
+async def _collect(events: AsyncIterator[tuple[int, TextDelta | GenerateResult]], n: int) -> list[GenerateResult]:
+    results: dict[int, GenerateResult] = {}
+    async with contextlib.aclosing(events):
+        async for index, event in events:
+            if isinstance(event, GenerateResult):
+                results[index] = event
+    return [results[index] for index in range(n)]
+
+
+def _deadline(header: str | None) -> float | None:
+    if header is None:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 86400:
+        raise InvalidArgument(f"x-guard-timeout-seconds: must be a number of seconds > 0 and <= 86400 (got {header!r})")
+    return time.monotonic() + seconds

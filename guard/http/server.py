@@ -1,0 +1,63 @@
+"""Runs the HTTP door's ASGI app with uvicorn inside guard's own event loop.
+
+uvicorn's `Server.serve()` would install its own SIGINT/SIGTERM handlers; guard owns the
+signals (one drain for both doors), so the server's start, main loop and shutdown are driven here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+class HttpServer:
+    def __init__(self, app, host: str, port: int, grace_seconds: float) -> None:
+        self.config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=max(1, round(grace_seconds)),
+        )
+        self.host = host
+        self.requested_port = port
+        self.port = 0
+        self._server: uvicorn.Server | None = None
+        self._socket: socket.socket | None = None
+        self._main: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.requested_port))
+        except OSError as exc:
+            sock.close()
+            raise RuntimeError(f"cannot bind HTTP port {self.host}:{self.requested_port}: {exc}") from exc
+        sock.listen(2048)
+        sock.setblocking(False)
+        self._socket = sock
+        self.port = sock.getsockname()[1]
+        self.config.load()
+        server = uvicorn.Server(self.config)
+        server.lifespan = self.config.lifespan_class(self.config)
+        await server.startup(sockets=[sock])
+        self._server = server
+        self._main = asyncio.create_task(server.main_loop(), name="http-main-loop")
+        return self.port
+
+    async def stop(self) -> None:
+        """Stops accepting, lets in-flight requests finish (up to the grace period), then returns."""
+        if self._server is None:
+            return
+        self._server.should_exit = True
+        if self._main is not None:
+            await self._main
+        await self._server.shutdown(sockets=[self._socket] if self._socket else None)
+        self._server = None

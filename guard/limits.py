@@ -1,0 +1,49 @@
+"""Bounds on what one request may ask for, shared by both doors (gRPC and HTTP).
+
+Each door names fields its own way (`sampling.max_tokens` in gRPC, `max_tokens` in
+the OpenAI API), so the checks take the field names; the bounds and messages live here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from guard.errors import Invalid, InvalidArgument
+from guard.types import Sampling
+
+MAX_TOKENS = 32768
+MAX_STOP_STRINGS = 8
+MAX_METADATA_ENTRIES = 32
+MAX_METADATA_CHARS = 256
+MAX_SCORE_CANDIDATES = 256
+ROLES = ("system", "user", "assistant")
+
+
+def sampling(
+    *,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    stop: Sequence[str],
+    prefix: str = "",
+) -> Sampling:
+    """Validated sampling; `prefix` is how the door names the sampling fields ("sampling." in gRPC)."""
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS:
+        raise InvalidArgument(Invalid.MAX_TOKENS.format(field=f"{prefix}max_tokens", limit=MAX_TOKENS, value=max_tokens))
+    if temperature is not None and not 0.0 <= temperature <= 2.0:
+        raise InvalidArgument(Invalid.TEMPERATURE.format(field=f"{prefix}temperature", value=temperature))
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise InvalidArgument(Invalid.TOP_P.format(field=f"{prefix}top_p", value=top_p))
+    stop = tuple(stop)
+    if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+        raise InvalidArgument(Invalid.STOP.format(field=f"{prefix}stop", limit=MAX_STOP_STRINGS, value=list(stop)))
+    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+
+
+def metadata(values: dict[str, str]) -> dict[str, str]:
+    if len(values) > MAX_METADATA_ENTRIES or any(
+        len(k) > MAX_METADATA_CHARS or len(v) > MAX_METADATA_CHARS for k, v in values.items()
+    ):
+        raise InvalidArgument(Invalid.METADATA.format(entries=MAX_METADATA_ENTRIES, chars=MAX_METADATA_CHARS))
+    return dict(values)

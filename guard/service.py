@@ -1,0 +1,198 @@
+"""What both doors (gRPC and the OpenAI HTTP API) do with a request, in one place.
+
+A door converts its wire format to `guard.types`, then asks this service to admit the caller
+(key -> tenant -> policy, trace permission, rate limit), runs the policy's pipeline through it,
+and shows the caller only what its tenant may see. Metrics, token accounting and the request
+log live here too, so both doors count the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from guard import metrics
+from guard.access import AccessControl, Tenant
+from guard.errors import Invalid, InvalidArgument, status_for
+from guard.limits import MAX_SCORE_CANDIDATES
+from guard.pipeline.runner import Pipeline, Pipelines, TextDelta
+from guard.policy.loader import LoadedPolicy
+from guard.policy.store import PolicyStore
+from guard.types import GenerateInput, GenerateResult, Message, Refusal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A caller let in: who it is, the policy it gets, and what it may see."""
+
+    tenant: Tenant
+    loaded: LoadedPolicy
+    pipeline: Pipeline
+    with_trace: bool
+
+    @property
+    def policy(self) -> str:
+        return self.loaded.policy.name
+
+
+class Observation:
+    """One request, counted in guard_requests_* when it ends; the door fills in what it learns."""
+
+    def __init__(self, access: AccessControl, rpc: str) -> None:
+        self.access = access
+        self.rpc = rpc
+        self.policy = "unknown"
+        self.tenant: Tenant | None = None
+        self.outcome = "ok"
+        self.started = time.perf_counter()
+        self.finished = False
+        metrics.REQUESTS_IN_FLIGHT.labels(rpc=rpc).inc()
+
+    def admitted(self, admission: Admission) -> None:
+        self.policy = admission.policy
+        self.tenant = admission.tenant
+
+    def answered(self, result: GenerateResult) -> None:
+        self.outcome = "refused" if result.refusal else "ok"
+
+    def finish(self, exc: BaseException | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if exc is not None:
+            # A client that cancels (or drops a stream) shows up as CancelledError / GeneratorExit here.
+            cancelled = isinstance(exc, (GeneratorExit, asyncio.CancelledError))
+            self.outcome = "CANCELLED" if cancelled else status_for(exc)[0].name
+        tenant = self.access.metric_label(self.tenant)
+        metrics.REQUESTS_IN_FLIGHT.labels(rpc=self.rpc).dec()
+        metrics.REQUESTS.labels(rpc=self.rpc, policy=self.policy, tenant=tenant, outcome=self.outcome).inc()
+        metrics.REQUEST_SECONDS.labels(rpc=self.rpc, policy=self.policy).observe(time.perf_counter() - self.started)
+
+
+class GuardService:
+    def __init__(self, store: PolicyStore, pipelines: Pipelines, access: AccessControl) -> None:
+        self.store = store
+        self.pipelines = pipelines
+        self.access = access
+
+    @property
+    def default_model(self) -> str:
+        return self.pipelines.deps.default_model
+
+    def begin(self, rpc: str) -> Observation:
+        """Starts counting a request; the caller must `finish()` it (streams end after the handler returns)."""
+        return Observation(self.access, rpc)
+
+    @contextlib.contextmanager
+    def observe(self, rpc: str) -> Iterator[Observation]:
+        observation = self.begin(rpc)
+        try:
+            yield observation
+        except BaseException as exc:
+            observation.finish(exc)
+            raise
+        observation.finish()
+
+    def authenticate(self, authorization: str | None) -> Tenant:
+        return self.access.authenticate(authorization)
+
+    def admit(self, tenant: Tenant, requested_policy: str, *, trace: bool = False) -> Admission:
+        """Raises PermissionDenied (policy or trace not allowed), UnknownPolicy, ResourceExhausted."""
+        name = self.access.policy_for(tenant, requested_policy, self.store.default_policy)
+        loaded = self.store.get(name)
+        if trace:
+            self.access.check_trace(tenant)
+        self.access.admit(tenant)
+        return Admission(tenant, loaded, self.pipelines.get(loaded), with_trace=trace)
+
+    async def stream(
+        self, admission: Admission, request: GenerateInput, *, deadline: float | None, door: str
+    ) -> AsyncIterator[TextDelta | GenerateResult]:
+        """The pipeline's stream; the final GenerateResult is also logged and its tokens counted."""
+        async with contextlib.aclosing(admission.pipeline.stream(request, deadline=deadline)) as events:
+            async for event in events:
+                if isinstance(event, GenerateResult):
+                    self._account(admission, request, event, door)
+                yield event
+
+    async def run(self, admission: Admission, request: GenerateInput, *, deadline: float | None, door: str) -> GenerateResult:
+        async with contextlib.aclosing(self.stream(admission, request, deadline=deadline, door=door)) as events:
+            async for event in events:
+                if isinstance(event, GenerateResult):
+                    return event
+        raise AssertionError("the answer stream ended without a result")
+
+    def _account(self, admission: Admission, request: GenerateInput, result: GenerateResult, door: str) -> None:
+        tenant = self.access.metric_label(admission.tenant)
+        usage = result.usage
+        metrics.TOKENS.labels(policy=admission.policy, tenant=tenant, kind="prompt").inc(usage.prompt_tokens)
+        metrics.TOKENS.labels(policy=admission.policy, tenant=tenant, kind="completion").inc(usage.completion_tokens)
+        self.access.charge_tokens(admission.tenant, usage.prompt_tokens + usage.completion_tokens)
+        log.info(
+            "%s tenant=%s policy=%s version=%s finish=%s refused=%s tokens=%d/%d %.3fs metadata=%s",
+            door, admission.tenant.name, result.policy, result.policy_version, result.finish_reason, bool(result.refusal),
+            usage.prompt_tokens, usage.completion_tokens, result.total_seconds, request.metadata,
+        )
+
+    def policies(self, tenant: Tenant) -> list[LoadedPolicy]:
+        return [loaded for loaded in self.store.list() if tenant.may_use(loaded.policy.name)]
+
+    async def score(
+        self, tenant: Tenant, requested_policy: str, prompt: str | list[Message], candidates: list[str]
+    ) -> tuple[Admission, list[float]]:
+        if not candidates:
+            raise InvalidArgument(Invalid.CANDIDATES_EMPTY.value)
+        if len(candidates) > MAX_SCORE_CANDIDATES:
+            raise InvalidArgument(Invalid.CANDIDATES_TOO_MANY.format(limit=MAX_SCORE_CANDIDATES, value=len(candidates)))
+        admission = self.admit(tenant, requested_policy)
+        step = next((s for s in admission.loaded.policy.steps if s.type == "best_of_n"), None)
+        reranker = self.pipelines.deps.reranker
+        if step is None or reranker is None:
+            raise InvalidArgument(Invalid.NO_REWARD.format(value=admission.policy))
+        return admission, await reranker.score(step.reward, prompt, candidates)
+
+
+def visible_refusal(admission: Admission, refusal: Refusal) -> Refusal:
+    """What the caller learns about a refusal: only its stage unless its tenant may see which rule fired
+    (naming the rule, or a score in the reason, would let an attacker probe the filters)."""
+    if admission.tenant.refusal_details:
+        return refusal
+    return Refusal(stage=refusal.stage, step="", rule="", reason="", text=refusal.text)
+
+
+def jsonable(value: Any) -> Any:
+    """Trace detail is free-form step output; anything not JSON-like is shown as its repr."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def trace_of(result: GenerateResult) -> dict[str, Any]:
+    """The trace as plain JSON (the gRPC door builds the same fields as protobuf)."""
+    return {
+        "upstream_seconds": result.upstream_seconds,
+        "total_seconds": result.total_seconds,
+        "upstream_url": result.upstream_url,
+        "upstream_model": result.upstream_model,
+        "steps": [
+            {
+                "step": entry.step,
+                "type": entry.type,
+                "phase": entry.phase,
+                "duration_seconds": entry.duration_seconds,
+                "detail": jsonable(entry.detail),
+            }
+            for entry in result.trace
+        ],
+    }
