@@ -135,11 +135,13 @@ class AccessControl:
             limiter.charge_tokens(tokens)
 
     def _limiter(self, tenant: Tenant) -> TenantLimiter | None:
-        if tenant.rate_limit is None:
+        # By name, with the limits in force now: a request admitted before a reload charges the same buckets.
+        current = self._tenants.get(tenant.name, tenant)
+        if current.rate_limit is None:
             return None
-        limiter = self._limiters.get(tenant.name)
-        if limiter is None or limiter.limit != tenant.rate_limit:  # new, or its limits were edited
-            limiter = self._limiters[tenant.name] = TenantLimiter(tenant.name, tenant.rate_limit, self.clock)
+        limiter = self._limiters.get(current.name)
+        if limiter is None:
+            limiter = self._limiters[current.name] = TenantLimiter(current.name, current.rate_limit, self.clock)
         return limiter
 
     def metric_label(self, tenant: Tenant | None) -> str:
@@ -166,7 +168,12 @@ class AccessControl:
             log.error("API key file rejected (%s):\n%s", kept, exc)
             return False
         self._tenants, self._by_hash = _tenants(config)
-        self._limiters = {name: limiter for name, limiter in self._limiters.items() if name in self._tenants}
+        # A tenant whose limits were edited starts with fresh buckets; the others keep theirs.
+        self._limiters = {
+            name: limiter
+            for name, limiter in self._limiters.items()
+            if name in self._tenants and self._tenants[name].rate_limit == limiter.limit
+        }
         self.last_error = None
         log.info("API keys loaded from %s: %d tenants, %d keys", self.key_file, len(self._tenants), len(self._by_hash))
         return True

@@ -285,11 +285,11 @@ class OpenAIDoor:
             observation.tenant = tenant
             body = _parse(await request.body(), model)
             generate_input = body.to_input()
-            visible = {loaded.policy.name for loaded in self.service.policies(tenant)}
-            served_models = {self.service.default_model} | {
-                loaded.policy.model for loaded in self.service.store.list() if loaded.policy.model
-            }
-            policy = requested_policy(body.model, request.headers.get("x-guard-policy"), visible, served_models)
+            served = self.service.store.list()
+            # Every policy name, not only the tenant's: one it may not use is a 403, as through gRPC.
+            policy_names = {loaded.policy.name for loaded in served}
+            served_models = {self.service.default_model} | {loaded.policy.model for loaded in served if loaded.policy.model}
+            policy = requested_policy(body.model, request.headers.get("x-guard-policy"), policy_names, served_models)
             trace = request.headers.get("x-guard-trace", "").lower() in TRUE
             admission = self.service.admit(tenant, policy, trace=trace)
             observation.admitted(admission)

@@ -1,8 +1,9 @@
 """The OpenAI API's request shapes (as much as guard serves), and its request -> guard.types conversion.
 
-Unknown fields are accepted and ignored, as OpenAI's SDKs expect of compatible servers; fields whose
-meaning guard cannot honour (tools, logprobs, echo, ...) are rejected with a 400 that names them,
-rather than silently answering something else.
+Unknown fields are accepted and ignored, as OpenAI's SDKs expect of compatible servers (so are the
+sampling penalties, which guard's policies do not carry yet); fields whose meaning guard cannot honour
+(tools, logprobs, echo, ...) are rejected with a 400 that names them, rather than silently answering
+something else.
 """
 
 from __future__ import annotations
@@ -142,12 +143,14 @@ def requested_policy(model: str, header: str | None, policy_names: set[str], mod
     A `model` that is neither a policy nor a model guard serves is an unknown model (404), as
     OpenAI answers; "guard/<name>" always names a policy, so a typo cannot fall back silently.
     """
+    known = ", ".join(sorted(f"{POLICY_PREFIX}{name}" for name in policy_names))
     if model.startswith(POLICY_PREFIX):
+        if model.removeprefix(POLICY_PREFIX) not in policy_names:
+            raise NotFound(f"model: unknown policy {model!r} (policies: {known})")
         return model.removeprefix(POLICY_PREFIX)
     if model in policy_names:
         return model
     if model and model not in model_names:
-        known = ", ".join(sorted(f"{POLICY_PREFIX}{name}" for name in policy_names))
         raise NotFound(f"model: unknown model or policy {model!r} (policies: {known})")
     return header or ""
 

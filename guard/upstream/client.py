@@ -66,6 +66,9 @@ class _Attempts:
                 raise UpstreamTimeout("deadline exceeded before the upstream answered")
             yield endpoint, remaining
 
+    def remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
     def exhausted(self) -> UpstreamUnavailable:
         return UpstreamUnavailable(f"no upstream reachable (tried {', '.join(sorted(self.tried))}): {self.last_error}")
 
@@ -316,7 +319,16 @@ class UpstreamClient:
                     if response.status_code != 200:
                         await response.aread()
                         self._decode(response, endpoint.url)
-                    async for delta in _parse_sse(response, endpoint.url, chat=chat):
+                    events = _parse_sse(response, endpoint.url, chat=chat)
+                    while True:
+                        # httpx's timeout bounds each read, not the whole stream: the deadline does.
+                        try:
+                            async with asyncio.timeout(attempts.remaining()):
+                                delta = await anext(events)
+                        except StopAsyncIteration:
+                            break
+                        except TimeoutError as exc:
+                            raise UpstreamTimeout(f"upstream {endpoint.url} did not finish before the deadline") from exc
                         yield delta
                 except httpx.TimeoutException as exc:
                     raise UpstreamTimeout(f"upstream {endpoint.url} stopped answering in time") from exc

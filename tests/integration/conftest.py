@@ -24,6 +24,16 @@ steps:
 name: greedy
 sampling: {temperature: 0.0, max_tokens: 12}
 """,
+    "capped.yaml": """
+name: capped
+sampling: {temperature: 0.0}
+limits: {max_tokens: 3, max_temperature: 0.0}
+""",
+    "choices.yaml": """
+name: choices
+sampling: {max_tokens: 6}
+limits: {max_n: 3}
+""",
 }
 
 
@@ -52,4 +62,13 @@ def guard_server(vllm_server, policy_dir, tmp_path_factory):
 @pytest.fixture
 def guard(guard_server):
     with GuardClient(guard_server.target) as client:
+        yield client
+
+
+@pytest.fixture
+def openai_client(guard_server):
+    """The official OpenAI SDK, unchanged, pointed at guard's HTTP door (open: any api_key)."""
+    import openai
+
+    with openai.OpenAI(base_url=f"{guard_server.http_url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
         yield client

@@ -91,7 +91,7 @@ def test_input_refusal_never_calls_vllm(guard, guard_server, vllm_server):
     after = scrape(guard_server.metrics_url)
     stage = {"policy": "safe-assistant", "stage": "input", "step": answer.refusal["step"]}
     assert metric(after, "guard_refusals_total", **stage) == metric(before, "guard_refusals_total", **stage) + 1
-    refused = {"rpc": "Generate", "policy": "safe-assistant", "outcome": "refused"}
+    refused = {"rpc": "Generate", "policy": "safe-assistant", "tenant": "anonymous", "outcome": "refused"}
     assert metric(after, "guard_requests_total", **refused) == metric(before, "guard_requests_total", **refused) + 1
 
 
@@ -228,11 +228,11 @@ def test_metrics_scrape_counts_move(guard, guard_server):
     before = scrape(guard_server.metrics_url)
     guard.generate("count me", policy="greedy")
     after = scrape(guard_server.metrics_url)
-    ok = {"rpc": "Generate", "policy": "greedy", "outcome": "ok"}
+    ok = {"rpc": "Generate", "policy": "greedy", "tenant": "anonymous", "outcome": "ok"}
     assert metric(after, "guard_requests_total", **ok) == metric(before, "guard_requests_total", **ok) + 1
     count = {"rpc": "Generate", "policy": "greedy"}
     assert metric(after, "guard_request_duration_seconds_count", **count) == metric(before, "guard_request_duration_seconds_count", **count) + 1
-    completion = {"policy": "greedy", "kind": "completion"}
+    completion = {"policy": "greedy", "tenant": "anonymous", "kind": "completion"}
     assert metric(after, "guard_tokens_total", **completion) > metric(before, "guard_tokens_total", **completion)
     assert metric(after, "guard_policies_loaded") >= 5
     assert metric(after, "guard_requests_in_flight", rpc="Generate") == 0

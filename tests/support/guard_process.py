@@ -19,12 +19,14 @@ class GuardProcess:
     def __init__(self, policies: Path, upstreams: list[str], *, model: str | None = None, log_path: Path, extra: list[str] = ()) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_path = log_path
         command = [
             sys.executable, "-m", "guard.cli", "serve",
-            "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+            "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),
             "--policies", str(policies), "--grace", "5", "--log-level", "INFO", *extra,
         ]
         for url in upstreams:
