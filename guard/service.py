@@ -22,7 +22,7 @@ from guard.errors import Invalid, InvalidArgument, status_for
 from guard.limits import MAX_SCORE_CANDIDATES
 from guard.pipeline.runner import Pipeline, Pipelines, TextDelta
 from guard.policy.loader import LoadedPolicy
-from guard.policy.store import PolicyStore
+from guard.policy.store import PolicyStore, UnknownPolicy
 from guard.types import GenerateInput, GenerateResult, Message, Refusal
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,12 @@ class GuardService:
     def admit(self, tenant: Tenant, requested_policy: str, *, trace: bool = False) -> Admission:
         """Raises PermissionDenied (policy or trace not allowed), UnknownPolicy, ResourceExhausted."""
         name = self.access.policy_for(tenant, requested_policy, self.store.default_policy)
-        loaded = self.store.get(name)
+        try:
+            loaded = self.store.get(name)
+        except UnknownPolicy:
+            # Name only what this tenant may use: the store's message would list every policy served.
+            known = ", ".join(loaded.policy.name for loaded in self.policies(tenant)) or "none"
+            raise UnknownPolicy(f"unknown policy {name!r} (known: {known})") from None
         if trace:
             self.access.check_trace(tenant)
         self.access.admit(tenant)

@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from guard.errors import Cancelled, Invalid, InvalidArgument, ResourceExhausted, status_for
+from guard.errors import Cancelled, Invalid, InvalidArgument, NotFound, ResourceExhausted, status_for
 from guard.http.openai_types import (
     POLICY_PREFIX,
     ChatCompletionRequest,
@@ -237,6 +237,7 @@ class OpenAIDoor:
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
             ]
         )
@@ -247,6 +248,13 @@ class OpenAIDoor:
         return JSONResponse({"status": "NOT_SERVING"}, status_code=503)
 
     async def models(self, request: Request) -> Response:
+        return await self._models(request, None)
+
+    async def model(self, request: Request) -> Response:
+        return await self._models(request, request.path_params["model_id"])
+
+    async def _models(self, request: Request, model_id: str | None) -> Response:
+        """The policies the caller may use, as OpenAI models; one of them when `model_id` is given."""
         observation = self.service.begin("models")
         try:
             tenant = self.service.authenticate(request.headers.get("authorization"))
@@ -266,11 +274,15 @@ class OpenAIDoor:
                 }
                 for loaded in self.service.policies(tenant)
             ]
+            if model_id is not None:
+                found = next((entry for entry in data if entry["id"] in (model_id, POLICY_PREFIX + model_id)), None)
+                if found is None:
+                    raise NotFound(f"model: unknown policy {model_id!r}")
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
             observation.finish(exc)
             return error_response(exc)
         observation.finish()
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse(found if model_id is not None else {"object": "list", "data": data})
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._generate(request, ChatCompletionRequest, "chat.completions")

@@ -28,6 +28,9 @@ def test_models_lists_one_entry_per_policy(openai_client, guard):
     safe = listed["guard/safe-assistant"].model_extra["guard"]
     assert safe["policy_version"] == versions(guard)["safe-assistant"]
     assert "input_filter" in safe["steps"]
+    assert openai_client.models.retrieve("guard/greedy").id == "guard/greedy"
+    with pytest.raises(openai.NotFoundError):
+        openai_client.models.retrieve("guard/no-such-policy")
 
 
 def test_chat_completion_matches_the_grpc_door(openai_client, guard):
