@@ -56,7 +56,7 @@ class GuardApp:
         self.access = AccessControl(
             settings.api_keys, allow_policies=settings.allow_policies, poll_interval=settings.poll_seconds
         )
-        self.service = GuardService(self.store, self.pipelines, self.access)
+        self.service = GuardService(self.store, self.pipelines, self.access, max_in_flight=settings.max_in_flight)
         self.serving = False
         self.http = (
             HttpServer(OpenAIDoor(self.service, lambda: self.serving).app(), settings.host, settings.http_port, settings.grace_seconds)
@@ -123,9 +123,20 @@ class GuardApp:
                     wanted |= step.encoders()
         return wanted
 
-    async def _set_health(self, serving: bool | None = None) -> None:
-        if serving is None:
-            serving = self.upstream.any_healthy
+    def not_serving_because(self) -> str | None:
+        """Why guard cannot answer ordinary requests now, or None."""
+        if not self.upstream.any_healthy:
+            return "no upstream answers its health check"
+        default = self.store.default_policy
+        if default not in {loaded.policy.name for loaded in self.store.list()}:
+            return f"the default policy {default!r} is not served (missing, or rejected: see ListPolicies load_errors)"
+        return None
+
+    async def _set_health(self) -> None:
+        reason = self.not_serving_because()
+        serving = reason is None
+        if serving != self.serving:
+            log.log(logging.INFO if serving else logging.WARNING, "health: %s", "SERVING" if serving else f"NOT_SERVING: {reason}")
         self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):

@@ -33,6 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
         vllm_model_dir=args.vllm_model_dir,
         vllm_max_model_len=args.vllm_max_model_len,
         grace_seconds=args.grace,
+        max_in_flight=args.max_in_flight,
         log_level=args.log_level,
         torch_threads=args.torch_threads,
     )
@@ -86,6 +87,26 @@ def _ask(args: argparse.Namespace) -> int:
     if args.trace:
         print(json.dumps(answer.trace, indent=2), file=sys.stderr)
     return 0
+
+
+def _policies(args: argparse.Namespace) -> int:
+    import grpc
+
+    from guard.client import GuardClient
+
+    try:
+        with GuardClient(args.target, api_key=args.api_key) as client:
+            policies = client.list_policies(timeout=10)
+            errors = client.policy_load_errors(timeout=10)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    for policy in policies:
+        print(f"{policy.name:20} {policy.version}  steps: {', '.join(policy.steps) or '-'}")
+    for issues in errors.values():
+        for issue in issues:
+            print(f"rejected  {issue}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -231,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--vllm-model-dir", help="model for the managed vLLM [GUARD_VLLM_MODEL_DIR; default: bundled Gemma 3 270M]")
     serve.add_argument("--vllm-max-model-len", type=int, help="context length for the managed vLLM [2048]")
     serve.add_argument("--grace", type=float, help="seconds in-flight calls get on shutdown [GUARD_GRACE_SECONDS, 10]")
+    serve.add_argument(
+        "--max-in-flight", type=int, help="requests generating at once, both doors; more get 429 at once, 0 = no bound [512]"
+    )
     serve.add_argument("--log-level", help="[GUARD_LOG_LEVEL, INFO]")
     serve.add_argument("--torch-threads", type=int, help="threads for in-process models [GUARD_TORCH_THREADS, 1]")
     serve.set_defaults(func=_serve)
@@ -250,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--seed", type=int)
     ask.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds [300]")
     ask.set_defaults(func=_ask)
+
+    listed = commands.add_parser("policies", help="the policies a server serves, and files it rejected (exit 1 if any)")
+    listed.add_argument("--target", default=DEFAULT_TARGET)
+    listed.add_argument("--api-key", default=os.environ.get("GUARD_API_KEY"), help="API key [GUARD_API_KEY]")
+    listed.set_defaults(func=_policies)
 
     health = commands.add_parser("health", help="print the server's health status (exit 0 when SERVING)")
     health.add_argument("--target", default=DEFAULT_TARGET)

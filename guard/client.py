@@ -160,6 +160,12 @@ class GuardClient:
         response = self.stub.ListPolicies(pb.ListPoliciesRequest(), timeout=timeout, metadata=self.metadata)
         return [PolicySummary(p.name, p.version, p.description, p.model, list(p.steps)) for p in response.policies]
 
+    def policy_load_errors(self, *, timeout: float | None = None) -> dict[str, list[str]]:
+        """Policy files whose latest edit the server rejected: file -> "file:line: path: reason" issues
+        (shown to operators: callers whose key may receive traces, or anyone without keys)."""
+        response = self.stub.ListPolicies(pb.ListPoliciesRequest(), timeout=timeout, metadata=self.metadata)
+        return {error.file: list(error.issues) for error in response.load_errors}
+
     def score(
         self, prompt: str | ChatInput, candidates: Sequence[str], *, policy: str, timeout: float | None = None
     ) -> list[float]:

@@ -46,6 +46,11 @@ REQUESTS_IN_FLIGHT = Gauge(
     ["rpc"],
     registry=REGISTRY,
 )
+OVERLOADED = Counter(
+    "guard_overloaded_total",
+    "Requests refused at once because max_in_flight requests were already being handled.",
+    registry=REGISTRY,
+)
 STEP_SECONDS = Histogram(
     "guard_step_duration_seconds",
     "Time spent in one policy step's hook.",

@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from guard import metrics
 from guard.access import AccessControl, Tenant
-from guard.errors import Invalid, InvalidArgument, status_for
+from guard.errors import Invalid, InvalidArgument, ResourceExhausted, status_for
 from guard.limits import MAX_SCORE_CANDIDATES
 from guard.pipeline.runner import Pipeline, Pipelines, TextDelta
 from guard.policy.loader import LoadedPolicy
@@ -26,6 +26,9 @@ from guard.policy.store import PolicyStore, UnknownPolicy
 from guard.types import GenerateInput, GenerateResult, Message, Refusal
 
 log = logging.getLogger(__name__)
+
+# What an overloaded guard asks callers to wait: long enough for a burst to drain, short against a request.
+OVERLOAD_RETRY_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Observation:
         self.outcome = "ok"
         self.started = time.perf_counter()
         self.finished = False
+        self.on_finish: Callable[[], None] | None = None
         metrics.REQUESTS_IN_FLIGHT.labels(rpc=rpc).inc()
 
     def admitted(self, admission: Admission) -> None:
@@ -66,6 +70,8 @@ class Observation:
         if self.finished:
             return
         self.finished = True
+        if self.on_finish is not None:
+            self.on_finish()
         if exc is not None:
             # A client that cancels (or drops a stream) shows up as CancelledError / GeneratorExit here.
             cancelled = isinstance(exc, (GeneratorExit, asyncio.CancelledError))
@@ -77,22 +83,50 @@ class Observation:
 
 
 class GuardService:
-    def __init__(self, store: PolicyStore, pipelines: Pipelines, access: AccessControl) -> None:
+    def __init__(self, store: PolicyStore, pipelines: Pipelines, access: AccessControl, *, max_in_flight: int = 0) -> None:
         self.store = store
         self.pipelines = pipelines
         self.access = access
+        # Requests that generate or score, across both doors; beyond the bound, refuse at once rather than queue.
+        self.max_in_flight = max_in_flight  # 0: unbounded
+        self.in_flight = 0
+
+    def _occupy(self) -> None:
+        if self.max_in_flight and self.in_flight >= self.max_in_flight:
+            metrics.OVERLOADED.inc()
+            raise ResourceExhausted(
+                f"overloaded: {self.in_flight} requests in flight (limit {self.max_in_flight}); "
+                f"retry after {OVERLOAD_RETRY_SECONDS:g} s",
+                retry_after=OVERLOAD_RETRY_SECONDS,
+            )
+        self.in_flight += 1
+
+    def _vacate(self) -> None:
+        self.in_flight -= 1
 
     @property
     def default_model(self) -> str:
         return self.pipelines.deps.default_model
 
-    def begin(self, rpc: str) -> Observation:
-        """Starts counting a request; the caller must `finish()` it (streams end after the handler returns)."""
-        return Observation(self.access, rpc)
+    def begin(self, rpc: str, *, generates: bool = False) -> Observation:
+        """Starts counting a request; the caller must `finish()` it (streams end after the handler returns).
+
+        A request that `generates` (or scores) takes one of the max_in_flight places until it finishes;
+        with none free it is refused at once (ResourceExhausted, counted), never queued.
+        """
+        observation = Observation(self.access, rpc)
+        if generates:
+            try:
+                self._occupy()
+            except ResourceExhausted as exc:
+                observation.finish(exc)
+                raise
+            observation.on_finish = self._vacate
+        return observation
 
     @contextlib.contextmanager
-    def observe(self, rpc: str) -> Iterator[Observation]:
-        observation = self.begin(rpc)
+    def observe(self, rpc: str, *, generates: bool = False) -> Iterator[Observation]:
+        observation = self.begin(rpc, generates=generates)
         try:
             yield observation
         except BaseException as exc:

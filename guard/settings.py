@@ -33,6 +33,9 @@ class Settings:
     vllm_max_model_len: int = 2048
     vllm_port: int = 0
     grace_seconds: float = 10.0
+    # Requests generating or scoring at once, both doors together; more are refused at once
+    # (RESOURCE_EXHAUSTED / 429) instead of queueing. 0: unbounded.
+    max_in_flight: int = 512
     poll_seconds: float = 0.5
     log_level: str = "INFO"
     # torch intra-op threads for in-process models (safety encoders, CPU reward models). One by default:

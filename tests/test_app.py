@@ -3,9 +3,13 @@ the settings reach both doors, and a stop drains both."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from guard.app import GuardApp
 from guard.settings import Settings
@@ -70,3 +74,78 @@ async def test_http_door_can_be_turned_off_and_stop_closes_both_ports(tmp_path, 
     await app.stop(grace=1)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=2)
+
+
+async def test_beyond_max_in_flight_requests_are_refused_at_once_on_both_doors(tmp_path, fault):
+    fault.hang_seconds = 1.0  # each admitted request holds its place for a second
+    app = await start(tmp_path, fault, max_in_flight=4)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{app.http_port}", timeout=10
+        ) as client:
+            stub = guard_pb2_grpc.GuardStub(channel)
+
+            async def over_grpc():
+                started = time.monotonic()
+                try:
+                    await stub.Generate(pb.GenerateRequest(prompt="hi"), timeout=10)
+                    return "ok", time.monotonic() - started, None
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name, time.monotonic() - started, exc.details()
+
+            async def over_http():
+                started = time.monotonic()
+                response = await client.post("/v1/completions", json={"model": "guard/default", "prompt": "hi"})
+                outcome = "ok" if response.status_code == 200 else str(response.status_code)
+                return outcome, time.monotonic() - started, response.headers.get("retry-after-ms")
+
+            # 10x the limit at once, through both doors.
+            results = await asyncio.gather(*[over_grpc() for _ in range(20)], *[over_http() for _ in range(20)])
+        outcomes = [outcome for outcome, _, _ in results]
+        assert outcomes.count("ok") == 4
+        assert set(outcomes) == {"ok", "RESOURCE_EXHAUSTED", "429"}
+        refused = [(seconds, detail) for outcome, seconds, detail in results if outcome != "ok"]
+        assert all(seconds < 0.9 for seconds, _ in refused), "refusals must not wait for a place"
+        assert {detail for outcome, _, detail in results if outcome == "429"} == {"500"}
+        assert all(detail.startswith("overloaded:") for outcome, _, detail in results if outcome == "RESOURCE_EXHAUSTED")
+        assert app.service.in_flight == 0
+    finally:
+        await app.stop(grace=1)
+        fault.hang_seconds = 0.0
+
+
+async def test_health_is_not_serving_without_the_default_policy_and_load_errors_say_why(tmp_path, fault):
+    app = await start(tmp_path, fault)
+    try:
+        (tmp_path / "default.yaml").unlink()
+        (tmp_path / "default.yml").write_text("name: default\nsampling: {temperature: hot}\n")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{app.http_port}", timeout=5
+        ) as client:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status() -> tuple[int, int]:
+                grpc_status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=2)).status
+                return grpc_status, (await client.get("/health")).status_code
+
+            not_serving = (health_pb2.HealthCheckResponse.NOT_SERVING, 503)
+            serving = (health_pb2.HealthCheckResponse.SERVING, 200)
+            assert await eventually(status, not_serving)
+            listed = await guard_pb2_grpc.GuardStub(channel).ListPolicies(pb.ListPoliciesRequest(), timeout=2)
+            (error,) = listed.load_errors
+            assert error.file.endswith("default.yml") and error.issues[0].endswith(
+                "default.yml:2: sampling.temperature: Input should be a valid number, unable to parse string as a number (got 'hot')"
+            )
+            (tmp_path / "default.yml").write_text("name: default\n")
+            assert await eventually(status, serving)
+    finally:
+        await app.stop(grace=1)
+
+
+async def eventually(probe, expected, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await probe() == expected:
+            return True
+        await asyncio.sleep(0.1)
+    return False

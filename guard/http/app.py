@@ -291,7 +291,10 @@ class OpenAIDoor:
         return await self._generate(request, CompletionRequest, "completions")
 
     async def _generate(self, request: Request, model: type[ChatCompletionRequest | CompletionRequest], rpc: str) -> Response:
-        observation = self.service.begin(rpc)
+        try:
+            observation = self.service.begin(rpc, generates=True)
+        except ResourceExhausted as exc:
+            return error_response(exc)
         try:
             tenant = self.service.authenticate(request.headers.get("authorization"))
             observation.tenant = tenant

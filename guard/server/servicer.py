@@ -34,7 +34,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
         self.service = service
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        with self.service.observe("Generate") as observation:
+        with self.service.observe("Generate", generates=True) as observation:
             tenant = self.service.authenticate(_authorization(context))
             generate_input = convert.generate_input(request)
             admission = self.service.admit(tenant, generate_input.policy, trace=generate_input.include_trace)
@@ -48,7 +48,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        with self.service.observe("GenerateStream") as observation:
+        with self.service.observe("GenerateStream", generates=True) as observation:
             tenant = self.service.authenticate(_authorization(context))
             generate_input = convert.generate_input(request)
             admission = self.service.admit(tenant, generate_input.policy, trace=generate_input.include_trace)
@@ -79,10 +79,13 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
                     steps=[step.type for step in loaded.policy.steps],
                     source=str(loaded.source) if tenant.trace else "",
                 )
+            if tenant.trace:
+                for file, error in sorted(self.service.store.last_errors.items()):
+                    response.load_errors.add(file=file, issues=[str(issue) for issue in error.issues])
             return response
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
-        with self.service.observe("Score") as observation:
+        with self.service.observe("Score", generates=True) as observation:
             tenant = self.service.authenticate(_authorization(context))
             observation.tenant = tenant
             prompt, messages = convert.input_of(request)
