@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from guard import metrics
+from guard import limits, metrics
 from guard.access import AccessControl
 from guard.http.app import OpenAIDoor
 from guard.http.server import HttpServer
@@ -66,7 +66,11 @@ class GuardApp:
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[ExceptionInterceptor()],
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                # Room for the largest request guard accepts plus protobuf framing; content limits name fields.
+                ("grpc.max_receive_message_length", limits.MAX_REQUEST_BYTES + 64 * 1024),
+            ],
         )
         guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(self.service), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

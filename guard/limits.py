@@ -13,6 +13,10 @@ from guard.types import Sampling
 
 MAX_TOKENS = 32768
 MAX_STOP_STRINGS = 8
+# A request as it arrives (gRPC message or HTTP body): bounded before anything parses it.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+MAX_MESSAGES = 1024
+MAX_TEXT_CHARS = 1_000_000  # a prompt, or one message's content
 MAX_METADATA_ENTRIES = 32
 MAX_METADATA_CHARS = 256
 MAX_SCORE_CANDIDATES = 256
@@ -39,6 +43,17 @@ def sampling(
     if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
         raise InvalidArgument(Invalid.STOP.format(field=f"{prefix}stop", limit=MAX_STOP_STRINGS, value=list(stop)))
     return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+
+
+def text(value: str, field: str) -> str:
+    if len(value) > MAX_TEXT_CHARS:
+        raise InvalidArgument(f"{field}: at most {MAX_TEXT_CHARS} characters (got {len(value)})")
+    return value
+
+
+def message_count(count: int) -> None:
+    if count > MAX_MESSAGES:
+        raise InvalidArgument(f"messages: at most {MAX_MESSAGES} messages (got {count})")
 
 
 def metadata(values: dict[str, str]) -> dict[str, str]:

@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from guard import limits
 from guard.errors import Cancelled, Invalid, InvalidArgument, NotFound, ResourceExhausted, status_for
 from guard.http.openai_types import (
     POLICY_PREFIX,
@@ -90,6 +91,20 @@ def _parse(body: bytes, model: type[BaseModel]):
         if error["type"] == "json_invalid":
             raise InvalidArgument(f"body: not valid JSON ({error['msg']})") from None
         raise InvalidArgument(f"{path}: {error['msg']}") from None
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused as soon as it is known to exceed the request size limit (before it is all read)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.MAX_REQUEST_BYTES:
+        raise InvalidArgument(f"body: at most {limits.MAX_REQUEST_BYTES} bytes (got {declared})")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.MAX_REQUEST_BYTES:
+            raise InvalidArgument(f"body: at most {limits.MAX_REQUEST_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -298,7 +313,7 @@ class OpenAIDoor:
         try:
             tenant = self.service.authenticate(request.headers.get("authorization"))
             observation.tenant = tenant
-            body = _parse(await request.body(), model)
+            body = _parse(await _read_body(request), model)
             generate_input = body.to_input()
             served = self.service.store.list()
             # Every policy name, not only the tenant's: one it may not use is a 403, as through gRPC.

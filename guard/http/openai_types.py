@@ -91,6 +91,7 @@ class ChatCompletionRequest(_Common):
             raise InvalidArgument(f"response_format: only type 'text' is supported by guard (got {response_format.get('type')!r})")
         if not self.messages:
             raise InvalidArgument(Invalid.MESSAGES_EMPTY.format(field="messages"))
+        limits.message_count(len(self.messages))
         messages = [_message(index, message) for index, message in enumerate(self.messages)]
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
@@ -113,7 +114,7 @@ class CompletionRequest(_Common):
             prompt = self.prompt
         if not prompt:
             raise InvalidArgument(Invalid.PROMPT_EMPTY.format(field="prompt"))
-        return self._input(prompt=prompt, messages=None, max_tokens=self.max_tokens)
+        return self._input(prompt=limits.text(prompt, "prompt"), messages=None, max_tokens=self.max_tokens)
 
 
 def _message(index: int, message: ChatMessage) -> Message:
@@ -133,7 +134,7 @@ def _message(index: int, message: ChatMessage) -> Message:
                 )
             texts.append(part.text)
         content = "\n".join(texts)
-    return Message(role, content)  # type: ignore[arg-type]
+    return Message(role, limits.text(content, f"messages[{index}].content"))  # type: ignore[arg-type]
 
 
 def requested_policy(model: str, header: str | None, policy_names: set[str], model_names: set[str]) -> str:

@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from guard import limits
 from guard.policy.guard_model import GuardModelRule
 from guard.policy.reward import BestOfNConfig, EmbeddingReward
 from guard.safety.classifier import load_artefact
@@ -26,11 +27,11 @@ class Strict(BaseModel):
 
 
 class SamplingDefaults(Strict):
-    max_tokens: int | None = Field(None, ge=1, le=32768, description="Default completion length cap.")
+    max_tokens: int | None = Field(None, ge=1, le=limits.MAX_TOKENS, description="Default completion length cap.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default sampling temperature.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Default nucleus sampling mass.")
     seed: int | None = Field(None, description="Default sampling seed.")
-    stop: list[str] = Field(default_factory=list, description="Default stop strings.")
+    stop: list[str] = Field(default_factory=list, max_length=limits.MAX_STOP_STRINGS, description="Default stop strings.")
 
     def to_sampling(self) -> Sampling:
         return Sampling(
@@ -46,7 +47,7 @@ class SamplingLimits(Strict):
     """Ceilings the client cannot raise (defaults in `sampling` are only defaults)."""
 
     max_tokens: int | None = Field(
-        None, ge=1, le=32768, description="Most tokens one answer may take: larger client values, and an unset one, become this."
+        None, ge=1, le=limits.MAX_TOKENS, description="Most tokens one answer may take: larger client values, and an unset one, become this."
     )
     max_temperature: float | None = Field(
         None, ge=0.0, le=2.0, description="Highest sampling temperature: larger client values (and vLLM's default 1.0) become this."

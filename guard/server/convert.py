@@ -15,12 +15,13 @@ from guard.v1 import guard_pb2 as pb
 def _messages(chat: pb.ChatMessages) -> list[Message]:
     if not chat.messages:
         raise InvalidArgument(Invalid.MESSAGES_EMPTY.format(field="messages"))
+    limits.message_count(len(chat.messages))
     messages = []
     for index, message in enumerate(chat.messages):
         if message.role not in limits.ROLES:
             allowed = ", ".join(limits.ROLES)
             raise InvalidArgument(Invalid.MESSAGE_ROLE.format(field="messages", index=index, allowed=allowed, value=message.role))
-        messages.append(Message(message.role, message.content))
+        messages.append(Message(message.role, limits.text(message.content, f"messages[{index}].content")))
     return messages
 
 
@@ -29,7 +30,7 @@ def input_of(request: pb.GenerateRequest | pb.ScoreRequest) -> tuple[str | None,
     if which == "prompt":
         if not request.prompt:
             raise InvalidArgument(Invalid.PROMPT_EMPTY.format(field="prompt"))
-        return request.prompt, None
+        return limits.text(request.prompt, "prompt"), None
     if which == "messages":
         return None, _messages(request.messages)
     raise InvalidArgument(Invalid.INPUT_MISSING.value)
