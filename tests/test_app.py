@@ -11,6 +11,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from guard import limits
 from guard.app import GuardApp
 from guard.settings import Settings
 from guard.upstream.client import UpstreamClient
@@ -149,3 +150,28 @@ async def eventually(probe, expected, timeout: float = 10.0) -> bool:
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+async def test_oversized_requests_are_refused_naming_the_field(tmp_path, fault):
+    app = await start(tmp_path, fault)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}", timeout=10) as client:
+            huge = {"model": "guard/default", "prompt": "x" * (limits.MAX_REQUEST_BYTES + 10)}
+            response = await client.post("/v1/completions", json=huge)
+            assert response.status_code == 400 and response.json()["error"]["param"] == "body"
+            many = {"model": "guard/default", "messages": [{"role": "user", "content": "hi"}] * (limits.MAX_MESSAGES + 1)}
+            response = await client.post("/v1/chat/completions", json=many)
+            assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+            long_text = {"model": "guard/default", "messages": [{"role": "user", "content": "x" * (limits.MAX_TEXT_CHARS + 1)}]}
+            response = await client.post("/v1/chat/completions", json=long_text)
+            assert response.json()["error"]["param"] == "messages[0].content"
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = guard_pb2_grpc.GuardStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Generate(pb.GenerateRequest(prompt="x" * (limits.MAX_TEXT_CHARS + 1)), timeout=10)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and raised.value.details().startswith("prompt:")
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Generate(pb.GenerateRequest(prompt="x" * (2 * limits.MAX_REQUEST_BYTES)), timeout=10)
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the transport's own limit
+    finally:
+        await app.stop(grace=1)
