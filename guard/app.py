@@ -59,7 +59,15 @@ class GuardApp:
         self.service = GuardService(self.store, self.pipelines, self.access, max_in_flight=settings.max_in_flight)
         self.serving = False
         self.http = (
-            HttpServer(OpenAIDoor(self.service, lambda: self.serving).app(), settings.host, settings.http_port, settings.grace_seconds)
+            HttpServer(
+                OpenAIDoor(self.service, lambda: self.serving).app(),
+                settings.host,
+                settings.http_port,
+                settings.grace_seconds,
+                tls_cert=settings.tls_cert,
+                tls_key=settings.tls_key,
+                tls_client_ca=settings.tls_client_ca,
+            )
             if settings.http_port >= 0
             else None
         )
@@ -96,21 +104,28 @@ class GuardApp:
         # Embedding models take seconds to load: before SERVING, not on the first request.
         for encoder in sorted(self._encoders(), key=str):
             await self.embedders.warm(encoder)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = self._grpc_credentials()
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC port {self.settings.host}:{self.settings.port}")
         await self.server.start()
         if self.http is not None:
             self.http_port = await self.http.start()
         if self.settings.metrics_port:
-            self._metrics_server, _ = metrics.serve_metrics(self.settings.metrics_port, self.settings.host)
+            metrics_host = self.settings.metrics_host or self.settings.host
+            self._metrics_server, _ = metrics.serve_metrics(self.settings.metrics_port, metrics_host)
         await self._set_health()
         self._health_task = asyncio.create_task(self._health_loop(), name="health")
         log.info(
-            "guard serving gRPC on %s:%d, OpenAI HTTP on %s (model %s, policies %s, metrics :%s, %s)",
+            "guard serving gRPC on %s:%d, OpenAI HTTP on %s (model %s, policies %s, metrics :%s, %s, %s)",
             self.settings.host, self.port, f":{self.http_port}" if self.http else "off", self.model,
             ", ".join(sorted(p.policy.name for p in self.store.list())), self.settings.metrics_port or "off",
             f"API keys from {self.settings.api_keys}" if self.settings.api_keys else "open: no API keys",
+            "mTLS" if self.settings.tls_client_ca else "TLS" if self.settings.tls_cert else "plaintext",
         )
         if self.access.open and self.settings.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning(
@@ -118,6 +133,17 @@ class GuardApp:
                 self.settings.host, ", ".join(self.settings.allow_policies) or "every policy, the passthrough included",
             )
         return self.port
+
+    def _grpc_credentials(self) -> grpc.ServerCredentials | None:
+        settings = self.settings
+        if settings.tls_cert is None or settings.tls_key is None:
+            return None
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
 
     def _encoders(self) -> set:
         wanted = set()

@@ -23,6 +23,10 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         http_port=args.http_port,
         api_keys=args.api_keys,
         allow_policies=args.allow_policies.split(",") if args.allow_policies else None,
@@ -62,7 +66,7 @@ def _ask(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     try:
-        with GuardClient(args.target, api_key=args.api_key) as client:
+        with GuardClient(args.target, api_key=args.api_key, **_tls(args)) as client:
             if args.stream:
                 answer = None
                 for event in client.stream(request, **options):
@@ -89,13 +93,23 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls(args: argparse.Namespace) -> dict:
+    return {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+
+
+def _client_tls_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca", default=os.environ.get("GUARD_TLS_CA"), help="talk TLS, trusting this CA (PEM) [GUARD_TLS_CA]")
+    parser.add_argument("--tls-cert", default=os.environ.get("GUARD_TLS_CLIENT_CERT"), help="client certificate for mTLS [GUARD_TLS_CLIENT_CERT]")
+    parser.add_argument("--tls-key", default=os.environ.get("GUARD_TLS_CLIENT_KEY"), help="its private key [GUARD_TLS_CLIENT_KEY]")
+
+
 def _policies(args: argparse.Namespace) -> int:
     import grpc
 
     from guard.client import GuardClient
 
     try:
-        with GuardClient(args.target, api_key=args.api_key) as client:
+        with GuardClient(args.target, api_key=args.api_key, **_tls(args)) as client:
             policies = client.list_policies(timeout=10)
             errors = client.policy_load_errors(timeout=10)
     except grpc.RpcError as exc:
@@ -113,8 +127,10 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from guard.client import open_channel
+
     deadline = time.monotonic() + args.wait
-    with grpc.insecure_channel(args.target) as channel:
+    with open_channel(args.target, **_tls(args)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -238,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address [GUARD_HOST, 127.0.0.1]")
     serve.add_argument("--port", type=int, help="gRPC port [GUARD_PORT, 50051]")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port, 0 = off [GUARD_METRICS_PORT, 9464]")
+    serve.add_argument("--metrics-host", help="/metrics listen address [GUARD_METRICS_HOST; default: --host]")
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate: TLS on both doors [GUARD_TLS_CERT]")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert [GUARD_TLS_KEY]")
+    serve.add_argument("--tls-client-ca", type=Path, help="PEM CA: clients must present a certificate it signed (mTLS) [GUARD_TLS_CLIENT_CA]")
     serve.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP port, -1 = off [GUARD_HTTP_PORT, 8080]")
     serve.add_argument("--api-keys", type=Path, help="API key file (tenants, key hashes), hot-reloaded [GUARD_API_KEYS; unset: open]")
     serve.add_argument(
@@ -273,16 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--top-p", type=float)
     ask.add_argument("--seed", type=int)
     ask.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds [300]")
+    _client_tls_flags(ask)
     ask.set_defaults(func=_ask)
 
     listed = commands.add_parser("policies", help="the policies a server serves, and files it rejected (exit 1 if any)")
     listed.add_argument("--target", default=DEFAULT_TARGET)
     listed.add_argument("--api-key", default=os.environ.get("GUARD_API_KEY"), help="API key [GUARD_API_KEY]")
+    _client_tls_flags(listed)
     listed.set_defaults(func=_policies)
 
     health = commands.add_parser("health", help="print the server's health status (exit 0 when SERVING)")
     health.add_argument("--target", default=DEFAULT_TARGET)
     health.add_argument("--wait", type=float, default=0.0, help="keep polling up to this many seconds until SERVING")
+    _client_tls_flags(health)
     health.set_defaults(func=_health)
 
     policy = commands.add_parser("policy", help="work with policy files offline").add_subparsers(dest="policy_command", required=True)

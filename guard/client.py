@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -41,6 +42,24 @@ class PolicySummary:
     description: str
     model: str
     steps: list[str]
+
+
+def open_channel(
+    target: str,
+    *,
+    tls_ca: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+) -> grpc.Channel:
+    """A plaintext channel, or TLS when a CA is given (with a client certificate: mTLS)."""
+    if tls_ca is None:
+        return grpc.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(tls_ca).read_bytes(),
+        private_key=Path(tls_key).read_bytes() if tls_key else None,
+        certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+    )
+    return grpc.secure_channel(target, credentials)
 
 
 def _request(
@@ -94,10 +113,18 @@ class GuardClient:
     """Blocking client. `prompt` is a string (completion) or a list of (role, content) / {"role","content"}."""
 
     def __init__(
-        self, target: str = "127.0.0.1:50051", *, api_key: str | None = None, channel: grpc.Channel | None = None
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        api_key: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        channel: grpc.Channel | None = None,
     ) -> None:
-        """`api_key`: sent as `authorization: Bearer <key>` when the server has an API key file."""
-        self.channel = channel or grpc.insecure_channel(target)
+        """`api_key`: sent as `authorization: Bearer <key>` when the server has an API key file.
+        `tls_ca`: talk TLS, trusting this CA (PEM); `tls_cert`/`tls_key`: the client certificate for mTLS."""
+        self.channel = channel or open_channel(target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
         self.stub = guard_pb2_grpc.GuardStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 

@@ -16,6 +16,12 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9464  # 0 disables the /metrics endpoint
+    # /metrics listen address; empty: the same as `host` (e.g. 127.0.0.1 keeps it local while host is 0.0.0.0).
+    metrics_host: str = ""
+    # TLS for both doors from PEM files; with tls_client_ca, clients must present a certificate it signed (mTLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     # The OpenAI-compatible HTTP door; -1 disables it, 0 picks a free port.
     http_port: int = 8080
     # API key file (tenants and key hashes), hot-reloaded; unset: open (meant for loopback).
@@ -45,6 +51,15 @@ class Settings:
     torch_threads: int = 1
     cache_dir: Path = field(default_factory=_cache_dir)
 
+    def __post_init__(self) -> None:
+        self.check_tls()
+
+    def check_tls(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
         """GUARD_<FIELD> environment variables, then non-None overrides (flags)."""
@@ -57,7 +72,11 @@ class Settings:
         for name, value in overrides.items():
             if value is not None:
                 setattr(settings, name, value)
+        settings.check_tls()
         return settings
+
+
+OPTIONAL_PATHS = ("api_keys", "tls_cert", "tls_key", "tls_client_ca")
 
 
 def _parse(name: str, raw: str, current):
@@ -68,7 +87,7 @@ def _parse(name: str, raw: str, current):
             return int(raw)
         if isinstance(current, float):
             return float(raw)
-        if name == "api_keys":
+        if name in OPTIONAL_PATHS:
             return Path(raw) if raw else None
         if isinstance(current, Path):
             return Path(raw)

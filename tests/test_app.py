@@ -12,12 +12,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from guard import limits
-from guard.app import GuardApp
-from guard.settings import Settings
-from guard.upstream.client import UpstreamClient
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc
 from tests.support.fault_upstream import FaultUpstream
+from tests.support.inprocess import start_app
 
 
 @pytest.fixture
@@ -26,16 +24,8 @@ def fault():
         yield upstream
 
 
-async def start(tmp_path, fault, **settings) -> GuardApp:
-    (tmp_path / "default.yaml").write_text("name: default\n")
-    (tmp_path / "fixed.yaml").write_text("name: fixed\nsteps: [{type: system_prompt, content: Be brief.}]\n")
-    app = GuardApp(
-        Settings(**{"port": 0, "http_port": 0, "metrics_port": 0, "policies": tmp_path, "poll_seconds": 0.1, **settings}),
-        UpstreamClient([fault.url]),
-        "fault-model",
-    )
-    await app.start()
-    return app
+async def start(tmp_path, fault, **settings):
+    return await start_app(tmp_path, fault.url, **settings)
 
 
 async def test_one_allowed_policy_is_fixed_for_both_doors(tmp_path, fault):

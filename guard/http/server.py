@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
+from pathlib import Path
 
 import uvicorn
 
@@ -16,13 +18,27 @@ log = logging.getLogger(__name__)
 
 
 class HttpServer:
-    def __init__(self, app, host: str, port: int, grace_seconds: float) -> None:
+    def __init__(
+        self,
+        app,
+        host: str,
+        port: int,
+        grace_seconds: float,
+        *,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        tls_client_ca: Path | None = None,
+    ) -> None:
         self.config = uvicorn.Config(
             app,
             lifespan="off",
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=max(1, round(grace_seconds)),
+            ssl_certfile=str(tls_cert) if tls_cert else None,
+            ssl_keyfile=str(tls_key) if tls_key else None,
+            ssl_ca_certs=str(tls_client_ca) if tls_client_ca else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls_client_ca else ssl.CERT_NONE,
         )
         self.host = host
         self.requested_port = port
