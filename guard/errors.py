@@ -76,8 +76,15 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Maps any exception from the pipeline or upstream to a status and message."""
     from guard.policy.store import UnknownPolicy
     from guard.rerank import RerankError
-    from guard.upstream.client import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+    from guard.upstream.client import (
+        UpstreamError,
+        UpstreamMisconfigured,
+        UpstreamRejected,
+        UpstreamTimeout,
+        UpstreamUnavailable,
+    )
 
+    # Also an upstream's HTTP 429 (UpstreamRateLimited is a ResourceExhausted).
     if isinstance(exc, GuardError):
         return exc.code, str(exc)
     if isinstance(exc, UnknownPolicy):
@@ -87,6 +94,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, f"reward: {exc}"
     if isinstance(exc, UpstreamTimeout):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, UpstreamMisconfigured):
+        # Refused credentials, a missing model: guard's setup, not the client's request, is wrong.
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, UpstreamRejected):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, UpstreamUnavailable):

@@ -1,26 +1,37 @@
 """Async client for vLLM's OpenAI-compatible API, over one or more servers.
 
 One pooled httpx client; endpoints are health-checked in the background and
-requests go to the healthy endpoint with the fewest requests in flight.
-Timeouts come from the caller (the gRPC deadline); cancelling the awaiting
-task closes the HTTP request, and vLLM aborts the generation when its client
-goes away.
+requests go to the healthy endpoint with the fewest requests in flight. An
+endpoint that keeps failing (connection errors, HTTP 5xx, broken streams,
+timeouts before its first byte) is ejected for a while (resilience.Breaker).
+A failure before anything reached the caller is retried, on another endpoint
+when there is one, within the request's deadline and a client-wide retry
+budget. Timeouts come from the caller (the gRPC deadline); cancelling the
+awaiting task closes the HTTP request, and vLLM aborts the generation when its
+client goes away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
+import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any, Literal, overload
 
 import httpx
 
 from guard import metrics
+from guard.errors import ResourceExhausted
 from guard.types import Choice, Completion, Message, Sampling, StreamDelta
+from guard.upstream.resilience import Breaker, RetryBudget
 
 log = logging.getLogger(__name__)
 
@@ -41,36 +52,115 @@ class UpstreamRejected(UpstreamError):
     """The upstream refused the request itself (HTTP 4xx), e.g. a prompt longer than the model's context."""
 
 
+class UpstreamMisconfigured(UpstreamError):
+    """The upstream refused guard's own setup (its credentials, its model name): the operator must act, not the client."""
+
+
+class UpstreamRateLimited(UpstreamError, ResourceExhausted):
+    """The upstream answered HTTP 429; `retry_after` seconds is its hint (1 s when it gave none)."""
+
+
+# Failures of the request or of the caller's deadline, not of the endpoint: another try cannot help.
+_FINAL = (UpstreamRejected, UpstreamMisconfigured, UpstreamRateLimited, UpstreamTimeout)
+
+
 @dataclass
 class Endpoint:
     url: str
-    healthy: bool = True
+    breaker: Breaker = field(default_factory=Breaker)
+    healthy: bool = True  # its last /health probe passed, and no connection to it failed since
     in_flight: int = 0
-    consecutive_failures: int = 0
 
 
 class _Attempts:
-    """Endpoints to try for one request, best first, each at most once, within the request's deadline."""
+    """The tries of one request: the best endpoint first, then retries while the deadline,
+    `max_attempts` and the client's retry budget allow; an endpoint not yet tried goes at once,
+    a repeated one after a jittered backoff."""
 
     def __init__(self, client: UpstreamClient, timeout: float | None) -> None:
         self._client = client
         self._deadline = None if timeout is None else time.monotonic() + timeout
-        self.tried: set[str] = set()
-        self.last_error: Exception | None = None
+        self.tried: list[str] = []
+        self.last_error: UpstreamError | None = None
+        client._budget.requested()
 
-    def __iter__(self):
-        while (endpoint := self._client._pick(self.tried)) is not None:
-            self.tried.add(endpoint.url)
-            remaining = None if self._deadline is None else self._deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise UpstreamTimeout("deadline exceeded before the upstream answered")
-            yield endpoint, remaining
+    async def next(self) -> tuple[Endpoint, float | None]:
+        """The endpoint to try now and the time left; raises the request's failure when no try is left."""
+        client = self._client
+        endpoint = client._pick(set(self.tried))
+        if self.tried:
+            if len(self.tried) >= client._max_attempts:
+                raise self.failure()
+            delay = client._retry_delay(len(self.tried)) if endpoint.url in self.tried else 0.0
+            remaining = self.remaining()
+            if remaining is not None and delay >= remaining:
+                raise self.failure()
+            if not client._budget.try_retry():
+                raise self.failure("retry budget exhausted")
+            if delay:
+                await asyncio.sleep(delay)
+                endpoint = client._pick(set(self.tried))
+            log.debug("retrying on %s after: %s", endpoint.url, self.last_error)
+        remaining = self.remaining()
+        if remaining is not None and remaining <= 0:
+            raise UpstreamTimeout("deadline exceeded before the upstream answered")
+        self.tried.append(endpoint.url)
+        return endpoint, remaining
 
     def remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
-    def exhausted(self) -> UpstreamUnavailable:
-        return UpstreamUnavailable(f"no upstream reachable (tried {', '.join(sorted(self.tried))}): {self.last_error}")
+    def failure(self, why: str = "") -> UpstreamError:
+        error = self.last_error
+        assert error is not None
+        note = f" (not retried: {why})" if why else ""
+        if isinstance(error, UpstreamUnavailable):
+            tried = ", ".join(dict.fromkeys(self.tried))
+            return UpstreamUnavailable(f"no upstream reachable (tried {tried}): {error}{note}")
+        if not note:
+            return error
+        noted = type(error)(f"{error}{note}")
+        noted.__cause__ = error
+        return noted
+
+
+class _Attempt:
+    """One try on one endpoint: counts it in flight, times it, and gives the endpoint's breaker one verdict."""
+
+    def __init__(self, client: UpstreamClient, endpoint: Endpoint, path: str) -> None:
+        self._client = client
+        self.endpoint = endpoint
+        self._path = path
+        self.received = False  # the endpoint's answer began (a stream's first event)
+        self._judged = False
+
+    def __enter__(self) -> _Attempt:
+        self._trial = self.endpoint.breaker.sent()
+        self.endpoint.in_flight += 1
+        self._started = time.perf_counter()
+        return self
+
+    def judge(self, error: UpstreamError) -> UpstreamError:
+        self._judged = True
+        if isinstance(error, (UpstreamRejected, UpstreamMisconfigured)):
+            self._client._succeeded(self.endpoint)  # it answered: alive, whatever it thought of the request
+        elif isinstance(error, UpstreamRateLimited) or (isinstance(error, UpstreamTimeout) and self.received):
+            self.endpoint.breaker.released(self._trial)  # busy, or the deadline was short: no verdict
+        else:
+            self._client._failed(self.endpoint, error)
+        return error
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.endpoint.in_flight -= 1
+        metrics.UPSTREAM_REQUEST_SECONDS.labels(endpoint=self.endpoint.url, path=self._path).observe(
+            time.perf_counter() - self._started
+        )
+        if self._judged:
+            return
+        if exc is None or self.received:
+            self._client._succeeded(self.endpoint)  # done, or a flowing stream its caller closed
+        else:
+            self.endpoint.breaker.released(self._trial)  # the caller went away before an answer
 
 
 def _sampling_body(sampling: Sampling) -> dict[str, Any]:
@@ -102,10 +192,17 @@ class UpstreamClient:
         connect_timeout: float = 5.0,
         health_interval: float = 5.0,
         default_timeout: float = 600.0,
+        breaker: Callable[[], Breaker] = Breaker,
+        retry_budget: RetryBudget | None = None,
+        max_attempts: int = 3,
+        retry_backoff: tuple[float, float] = (0.05, 1.0),
     ) -> None:
+        """`breaker` makes each endpoint's Breaker; `max_attempts` counts the first try; a retry
+        on an endpoint already tried waits a random time up to base·2^(retry-1), capped
+        (`retry_backoff` = (base, cap) seconds)."""
         if not urls:
             raise ValueError("at least one upstream URL is required")
-        self.endpoints = [Endpoint(url.rstrip("/")) for url in urls]
+        self.endpoints = [Endpoint(url.rstrip("/"), breaker()) for url in urls]
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(
             headers=headers,
@@ -115,6 +212,9 @@ class UpstreamClient:
         self._connect_timeout = connect_timeout
         self._health_interval = health_interval
         self._default_timeout = default_timeout
+        self._budget = retry_budget or RetryBudget()
+        self._max_attempts = max_attempts
+        self._retry_backoff = retry_backoff
         self._health_task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -145,25 +245,61 @@ class UpstreamClient:
         if healthy != endpoint.healthy:
             log.warning("upstream %s is now %s", endpoint.url, "healthy" if healthy else "unhealthy")
         endpoint.healthy = healthy
-        if healthy:
-            endpoint.consecutive_failures = 0
-        metrics.UPSTREAM_HEALTHY.labels(endpoint=endpoint.url).set(1 if healthy else 0)
+        # After an ejection's backoff the probe can be its trial.
+        readmitted = endpoint.breaker.probed(healthy)
+        if readmitted:
+            log.warning("upstream %s passed /health after its ejection: back, on probation", endpoint.url)
+        elif readmitted is False:
+            self._ejected(endpoint, "it failed /health after its ejection")
+        self._publish(endpoint)
 
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self._health_interval)
             await self.check_health()
 
-    def _pick(self, exclude: set[str]) -> Endpoint | None:
-        candidates = [ep for ep in self.endpoints if ep.url not in exclude]
-        healthy = [ep for ep in candidates if ep.healthy]
-        # All marked unhealthy may just mean the last probe raced a restart: try anyway.
-        pool = healthy or candidates
-        return min(pool, key=lambda ep: ep.in_flight) if pool else None
+    def _pick(self, tried: set[str]) -> Endpoint:
+        """Never an ejected endpoint while another is available; among the rest, untried first, then
+        healthy, then least busy. All ejected: the one whose ejection ends soonest (a request is
+        always tried: an ejection is a guess, and the deadline decides when to give up)."""
+
+        def rank(endpoint: Endpoint) -> tuple:
+            ejected = endpoint.breaker.ejected
+            soonest = endpoint.breaker.ejected_until if ejected else 0.0
+            return ejected, endpoint.url in tried, not endpoint.healthy, soonest, endpoint.in_flight
+
+        return min(self.endpoints, key=rank)
 
     @property
     def any_healthy(self) -> bool:
         return any(ep.healthy for ep in self.endpoints)
+
+    def _retry_delay(self, retry: int) -> float:
+        base, cap = self._retry_backoff
+        return random.uniform(0.0, min(cap, base * 2 ** (retry - 1)))
+
+    def _succeeded(self, endpoint: Endpoint) -> None:
+        if endpoint.breaker.ejected_until is not None:
+            log.warning("upstream %s answered its trial request: back", endpoint.url)
+        endpoint.breaker.succeeded()
+        self._publish(endpoint)
+
+    def _failed(self, endpoint: Endpoint, error: UpstreamError) -> None:
+        if isinstance(error, UpstreamUnavailable):
+            endpoint.healthy = False
+            metrics.UPSTREAM_ERRORS.labels(endpoint=endpoint.url, kind="connect").inc()
+        if endpoint.breaker.failed():
+            self._ejected(endpoint, f"{endpoint.breaker.failures} consecutive failures, the last: {error}")
+        self._publish(endpoint)
+
+    def _ejected(self, endpoint: Endpoint, why: str) -> None:
+        log.warning("upstream %s ejected for %.1f s after %s", endpoint.url, endpoint.breaker.ejection_seconds, why)
+
+    @staticmethod
+    def _publish(endpoint: Endpoint) -> None:
+        # guard_upstream_healthy: 0 while ejected or awaiting its trial, too (guard sends it nothing then).
+        usable = endpoint.healthy and endpoint.breaker.ejected_until is None
+        metrics.UPSTREAM_HEALTHY.labels(endpoint=endpoint.url).set(1 if usable else 0)
 
     # -- requests ------------------------------------------------------------
 
@@ -171,45 +307,48 @@ class UpstreamClient:
         total = self._default_timeout if timeout is None else max(timeout, 0.001)
         return httpx.Timeout(total, connect=min(self._connect_timeout, total))
 
-    async def _post_json(self, path: str, body: dict[str, Any], timeout: float | None) -> tuple[dict[str, Any], str]:
-        """POST to the best endpoint; on a connection failure try the next one."""
+    async def _post(
+        self, path: str, body: dict[str, Any], timeout: float | None, parse: Callable[[dict[str, Any], str], Completion]
+    ) -> Completion:
+        """POST to the best endpoint and parse its JSON answer; failures of the endpoint are retried."""
         attempts = _Attempts(self, timeout)
-        for endpoint, remaining in attempts:
-            endpoint.in_flight += 1
-            started = time.perf_counter()
-            try:
-                response = await self._http.post(f"{endpoint.url}{path}", json=body, timeout=self._timeout(remaining))
-            except httpx.TimeoutException as exc:
-                if isinstance(exc, httpx.ConnectTimeout):
-                    self._mark_failed(endpoint)
-                    attempts.last_error = exc
-                    continue
-                raise UpstreamTimeout(f"upstream {endpoint.url} did not answer in time") from exc
-            except httpx.TransportError as exc:
-                # Refused / reset before a response: safe to retry elsewhere, nothing was generated for us.
-                self._mark_failed(endpoint)
-                attempts.last_error = exc
-                continue
-            finally:
-                endpoint.in_flight -= 1
-                metrics.UPSTREAM_REQUEST_SECONDS.labels(endpoint=endpoint.url, path=path).observe(
-                    time.perf_counter() - started
-                )
-            return self._decode(response, endpoint.url), endpoint.url
-        raise attempts.exhausted()
-
-    def _mark_failed(self, endpoint: Endpoint) -> None:
-        endpoint.consecutive_failures += 1
-        endpoint.healthy = False
-        metrics.UPSTREAM_ERRORS.labels(endpoint=endpoint.url, kind="connect").inc()
-        metrics.UPSTREAM_HEALTHY.labels(endpoint=endpoint.url).set(0)
+        while True:
+            endpoint, remaining = await attempts.next()
+            url = endpoint.url
+            with _Attempt(self, endpoint, path) as attempt:
+                try:
+                    response = await self._http.post(f"{url}{path}", json=body, timeout=self._timeout(remaining))
+                    return parse(self._decode(response, url, body.get("model")), url)
+                except httpx.TransportError as exc:
+                    error = _transport_error(exc, url)
+                    if isinstance(error, UpstreamTimeout):
+                        raise attempt.judge(error) from exc
+                except UpstreamError as exc:
+                    error = exc
+                attempt.judge(error)
+            if isinstance(error, _FINAL):
+                raise error
+            attempts.last_error = error
 
     @staticmethod
-    def _decode(response: httpx.Response, url: str) -> dict[str, Any]:
-        if response.status_code != 200:
-            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind=f"http_{response.status_code // 100}xx").inc()
-            error = UpstreamRejected if 400 <= response.status_code < 500 else UpstreamError
-            raise error(f"upstream {url} returned HTTP {response.status_code}: {_error_message(response)}")
+    def _decode(response: httpx.Response, url: str, model: str | None = None) -> dict[str, Any]:
+        status = response.status_code
+        if status != 200:
+            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind=f"http_{status // 100}xx").inc()
+            reason = f"HTTP {status}: {_error_message(response)}"
+            if status in (401, 403):
+                raise UpstreamMisconfigured(
+                    f"upstream {url} refused guard's upstream credentials ({reason}); guard's operator must fix its API key"
+                )
+            if status == 404:
+                what = f"model {model!r}" if model else str(response.request.url.path)
+                raise UpstreamMisconfigured(f"upstream {url} does not serve {what} ({reason})")
+            if status == 429:
+                wait = _retry_after(response)
+                raise UpstreamRateLimited(f"upstream {url} is rate limiting ({reason}); retry after {wait:g} s", retry_after=wait)
+            if 400 <= status < 500:
+                raise UpstreamRejected(f"upstream {url} returned {reason}")
+            raise UpstreamError(f"upstream {url} returned {reason}")
         try:
             payload = response.json()
         except ValueError as exc:
@@ -290,72 +429,105 @@ class UpstreamClient:
         return self._generate_stream(path, body, timeout, chat=chat)
 
     async def _generate_unary(self, path: str, body: dict[str, Any], timeout: float | None, *, chat: bool) -> Completion:
-        payload, url = await self._post_json(path, body, timeout)
-        return _parse_completion(payload, url, chat=chat)
+        return await self._post(path, body, timeout, lambda payload, url: _parse_completion(payload, url, chat=chat))
 
     async def _generate_stream(
         self, path: str, body: dict[str, Any], timeout: float | None, *, chat: bool
     ) -> AsyncIterator[StreamDelta]:
         """Server-sent events as deltas.
 
-        Connection failures before the first byte fail over to another endpoint;
-        once text has flowed, an error is raised to the caller.
+        A failure before any text was yielded is retried like a unary request's (token counts
+        may repeat: the caller keeps the latest); once text has flowed, it is raised.
         """
         attempts = _Attempts(self, timeout)
-        for endpoint, remaining in attempts:
-            request = self._http.build_request("POST", f"{endpoint.url}{path}", json=body, timeout=self._timeout(remaining))
-            endpoint.in_flight += 1
-            started = time.perf_counter()
-            try:
+        while True:
+            endpoint, remaining = await attempts.next()
+            texted = False
+            with _Attempt(self, endpoint, path) as attempt:
                 try:
-                    response = await self._http.send(request, stream=True)
-                except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-                    self._mark_failed(endpoint)
-                    attempts.last_error = exc
-                    continue
-                except httpx.TimeoutException as exc:
-                    raise UpstreamTimeout(f"upstream {endpoint.url} did not answer in time") from exc
-                try:
-                    if response.status_code != 200:
-                        await response.aread()
-                        self._decode(response, endpoint.url)
-                    events = _parse_sse(response, endpoint.url, chat=chat)
-                    while True:
-                        # httpx's timeout bounds each read, not the whole stream: the deadline does.
-                        try:
-                            async with asyncio.timeout(attempts.remaining()):
-                                delta = await anext(events)
-                        except StopAsyncIteration:
-                            break
-                        except TimeoutError as exc:
-                            raise UpstreamTimeout(f"upstream {endpoint.url} did not finish before the deadline") from exc
-                        yield delta
-                except httpx.TimeoutException as exc:
-                    raise UpstreamTimeout(f"upstream {endpoint.url} stopped answering in time") from exc
-                except httpx.TransportError as exc:
-                    metrics.UPSTREAM_ERRORS.labels(endpoint=endpoint.url, kind="stream_broken").inc()
-                    raise UpstreamError(f"upstream {endpoint.url} dropped the stream: {exc}") from exc
-                finally:
-                    # Closing mid-stream (client cancelled, or a filter blocked) drops the connection;
-                    # vLLM then aborts the request.
-                    await response.aclose()
-                    metrics.UPSTREAM_REQUEST_SECONDS.labels(endpoint=endpoint.url, path=path).observe(
-                        time.perf_counter() - started
-                    )
-                return
-            finally:
-                endpoint.in_flight -= 1
-        raise attempts.exhausted()
+                    async with contextlib.aclosing(self._events(attempt, path, body, remaining, attempts, chat=chat)) as deltas:
+                        async for delta in deltas:
+                            texted = texted or bool(delta.text)
+                            yield delta
+                    return
+                except UpstreamError as exc:
+                    error = attempt.judge(exc)
+            if texted or isinstance(error, _FINAL):
+                raise error
+            attempts.last_error = error
+
+    async def _events(
+        self, attempt: _Attempt, path: str, body: dict[str, Any], remaining: float | None, attempts: _Attempts, *, chat: bool
+    ) -> AsyncIterator[StreamDelta]:
+        """One endpoint's stream; every failure is an UpstreamError."""
+        url = attempt.endpoint.url
+        request = self._http.build_request("POST", f"{url}{path}", json=body, timeout=self._timeout(remaining))
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise _transport_error(exc, url) from exc
+        try:
+            if response.status_code != 200:
+                await response.aread()
+                self._decode(response, url, body.get("model"))
+            async with contextlib.aclosing(_parse_sse(response, url, chat=chat)) as events:
+                while True:
+                    # httpx's timeout bounds each read, not the whole stream: the deadline does.
+                    try:
+                        async with asyncio.timeout(attempts.remaining()):
+                            delta = await anext(events)
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError as exc:
+                        raise UpstreamTimeout(f"upstream {url} did not finish before the deadline") from exc
+                    attempt.received = True
+                    yield delta
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"upstream {url} stopped answering in time") from exc
+        except httpx.TransportError as exc:
+            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="stream_broken").inc()
+            raise UpstreamError(f"upstream {url} dropped the stream: {str(exc) or repr(exc)}") from exc
+        finally:
+            # Closing mid-stream (client cancelled, or a filter blocked) drops the connection;
+            # vLLM then aborts the request.
+            await response.aclose()
 
     async def models(self) -> list[str]:
         endpoint = self._pick(set())
-        assert endpoint is not None
         try:
             response = await self._http.get(f"{endpoint.url}/v1/models", timeout=self._connect_timeout)
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(f"upstream {endpoint.url} unreachable: {exc}") from exc
         payload = self._decode(response, endpoint.url)
         return [str(item.get("id")) for item in payload.get("data", [])]
+
+
+def _transport_error(exc: httpx.TransportError, url: str) -> UpstreamError:
+    """Before a response: a connection failure (retryable elsewhere), or the deadline."""
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        return UpstreamTimeout(f"upstream {url} did not answer in time")
+    return UpstreamUnavailable(str(exc) or repr(exc))
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """Seconds from retry-after-ms or Retry-After (seconds or an HTTP date); 1 s when absent or unreadable."""
+    for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = response.headers.get(header)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            try:
+                when = parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                continue
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            seconds = (when - datetime.now(timezone.utc)).total_seconds()
+        if math.isfinite(seconds):
+            return max(0.0, seconds)
+    return 1.0
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -400,6 +572,10 @@ def _parse_completion(payload: dict[str, Any], url: str, *, chat: bool) -> Compl
                     top_logprobs=top_logprobs,
                 )
             )
+        if not choices:
+            # The pipeline needs a candidate to choose from; an empty answer would be one, this is not.
+            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
+            raise UpstreamError(f"upstream {url} returned a completion with no choices")
         usage = payload.get("usage") or {}
         choices.sort(key=lambda c: c.index)
         return Completion(
@@ -419,12 +595,16 @@ async def _parse_sse(response: httpx.Response, url: str, *, chat: bool) -> Async
     if not content_type.startswith("text/event-stream"):
         metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
         raise UpstreamError(f"upstream {url} answered a stream request with {content_type or 'no content type'}, not events")
+    chosen = False
     async for line in response.aiter_lines():
         if not line.startswith("data:"):
             continue
         data = line[5:].strip()
         if data == "[DONE]":
-            return
+            if chosen:
+                return
+            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
+            raise UpstreamError(f"upstream {url} ended the stream without any choice")
         try:
             event = json.loads(data)
         except ValueError as exc:
@@ -441,6 +621,7 @@ async def _parse_sse(response: httpx.Response, url: str, *, chat: bool) -> Async
                 upstream_url=url,
             )
         for raw in event.get("choices") or []:
+            chosen = True
             text = ((raw.get("delta") or {}).get("content") or "") if chat else (raw.get("text") or "")
             yield StreamDelta(index=int(raw.get("index", 0)), text=text, finish_reason=raw.get("finish_reason"))
     # vLLM ends every stream with [DONE]; without it the answer may be cut short.

@@ -2,18 +2,24 @@
 
 Real behaviour is tested against a real vLLM; this server exists to produce
 the failures a real one produces rarely: hanging, dropping the connection,
-answering garbage or HTTP 500.
+answering garbage, HTTP errors, or resetting a stream halfway.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-MODES = ("hang", "drop", "garbage", "error500", "stream_garbage", "stream_truncated", "slow_ok")
+MODES = (
+    "hang", "drop", "garbage", "error500", "stream_garbage", "stream_truncated", "slow_ok",
+    "status",  # answers `status` with `body` and `headers`
+    "empty_choices",  # a completion (or stream) without any choice
+    "stream_reset",  # `events` text events, a pause to let them be read, then a TCP reset
+)
 
 
 # Fits a completion, a chat completion and (as one event) a stream of either.
@@ -22,6 +28,14 @@ SLOW_OK_BODY = (
     b' "message": {"role": "assistant", "content": "late but fine"}, "delta": {"content": "late but fine"}}],'
     b' "usage": {"prompt_tokens": 3, "completion_tokens": 3}}'
 )
+EMPTY_BODY = b'{"model": "fault-model", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 0}}'
+
+
+def piece_event(i: int) -> bytes:
+    """One stream event carrying `piece {i} ` as a completion's text and a chat delta."""
+    text = f"piece {i} "
+    choice = {"index": 0, "text": text, "delta": {"content": text}, "finish_reason": None}
+    return b"data: " + json.dumps({"model": "fault-model", "choices": [choice]}).encode() + b"\n\n"
 
 
 class FaultUpstream:
@@ -31,6 +45,9 @@ class FaultUpstream:
         self.hang_seconds = hang_seconds
         self.requests: list[str] = []
         self.disconnects = threading.Event()
+        self.health_status = 200
+        self.status, self.body, self.headers = 503, b'{"error": {"message": "overloaded"}}', {}
+        self.events = 3
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,16 +56,18 @@ class FaultUpstream:
             def log_message(self, *args):
                 pass
 
-            def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+            def _send(self, status: int, body: bytes, content_type: str = "application/json", headers=None) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
             def do_GET(self):
                 if self.path == "/health":
-                    self._send(200, b"")
+                    self._send(owner.health_status, b"")
                 elif self.path == "/v1/models":
                     self._send(200, b'{"data": [{"id": "fault-model"}]}')
                 else:
@@ -91,11 +110,32 @@ class FaultUpstream:
                     self._send(200, b"data: {not json}\n\n", "text/event-stream")
                 elif mode == "stream_truncated":
                     self._send(200, b"data: " + SLOW_OK_BODY + b"\n\n", "text/event-stream")  # no [DONE]
+                elif mode == "status":
+                    self._send(owner.status, owner.body, headers=owner.headers)
+                elif mode == "empty_choices":
+                    if streamed:
+                        self._send(200, b"data: " + EMPTY_BODY + b"\n\ndata: [DONE]\n\n", "text/event-stream")
+                    else:
+                        self._send(200, EMPTY_BODY)
+                elif mode == "stream_reset":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for i in range(owner.events):
+                        event = piece_event(i)
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                    self.wfile.flush()
+                    # Unread data is discarded when a reset arrives: let the client read the events first.
+                    time.sleep(0.3)
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self) -> FaultUpstream:
         self._thread.start()
