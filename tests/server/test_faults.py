@@ -1,11 +1,15 @@
-"""A real guard process against an upstream that fails: statuses, cancellation, graceful shutdown."""
+"""A real guard process against upstreams that fail: statuses, cancellation, graceful shutdown,
+streams reset midway, failover and ejection."""
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -126,3 +130,75 @@ def test_sigterm_lets_in_flight_requests_finish(fault, tmp_path):
     finally:
         process.terminate()
         fault.hang_seconds = 30
+
+
+def test_a_stream_reset_midway_ends_with_unavailable_not_a_hang(client, fault):
+    fault.mode = "stream_reset"
+    requests_before = len(fault.requests)
+    pieces = []
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as raised:
+        for piece in client.stream("hi", timeout=20):
+            pieces.append(piece)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "dropped the stream" in raised.value.details()
+    assert "".join(pieces) == "piece 0 piece 1 piece 2 "
+    assert time.monotonic() - started < 5
+    assert len(fault.requests) == requests_before + 1, "text was streamed: never retried"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_stream_reset_midway_is_an_error_event_on_the_http_door(guard_on_fault, fault, path):
+    fault.mode = "stream_reset"
+    body = {"model": "fault-model", "stream": True}
+    body.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})
+    started = time.monotonic()
+    with httpx.stream("POST", f"{guard_on_fault.http_url}{path}", json=body, timeout=20) as response:
+        assert response.status_code == 200  # the failure came after the first event
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    assert time.monotonic() - started < 5
+    *chunks, last = events
+    text = "".join(
+        (choice.get("text") or (choice.get("delta") or {}).get("content") or "") for chunk in chunks for choice in chunk["choices"]
+    )
+    assert text == "piece 0 piece 1 piece 2 "
+    assert last["error"]["code"] == "unavailable" and "dropped the stream" in last["error"]["message"]
+
+
+def upstream_healthy(process: GuardProcess, url: str) -> float:
+    metrics = httpx.get(process.metrics_url, timeout=5).text
+    found = re.search(rf'^guard_upstream_healthy{{endpoint="{re.escape(url)}"}} (\S+)$', metrics, re.MULTILINE)
+    assert found, metrics
+    return float(found.group(1))
+
+
+def test_5xx_fails_over_and_the_failing_upstream_gets_nothing_while_ejected(tmp_path):
+    with FaultUpstream("error500") as bad, FaultUpstream("slow_ok", hang_seconds=0) as good:
+        (tmp_path / "default.yaml").write_text("name: default\n")
+        process = GuardProcess(tmp_path, [bad.url, good.url], model="fault-model", log_path=tmp_path / "guard.log")
+        chat = {"model": "fault-model", "messages": [{"role": "user", "content": "hi"}]}
+        try:
+            process.wait_serving(timeout=60)
+            with GuardClient(process.target) as guard:
+                # Sequential requests tie on load: each tries the bad one first, until it is ejected.
+                for _ in range(10):
+                    assert guard.generate("hi", timeout=10).text == "late but fine"
+                    if upstream_healthy(process, bad.url) == 0:
+                        break
+                ejected_at = time.monotonic()
+                assert upstream_healthy(process, bad.url) == 0 and "ejected for" in process.log()
+                assert upstream_healthy(process, good.url) == 1
+                seen = len(bad.requests)
+                for _ in range(3):
+                    assert guard.generate("hi", timeout=10).text == "late but fine"
+                    *pieces, answer = guard.stream("hi", timeout=10)
+                    assert "".join(pieces) == answer.text == "late but fine"
+                    response = httpx.post(f"{process.http_url}/v1/chat/completions", json=chat, timeout=10)
+                    assert response.status_code == 200
+                    assert response.json()["choices"][0]["message"]["content"] == "late but fine"
+                # The first ejection lasts at least 5 s (10 s, jittered down to half at most).
+                assert time.monotonic() - ejected_at < 5
+                assert len(bad.requests) == seen, "an ejected upstream gets no requests while another is available"
+                assert len(good.requests) >= 9 + seen
+        finally:
+            process.terminate()
