@@ -8,10 +8,10 @@ candidates are scored on the text the client would receive.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
+from guard.concurrency import gather_or_cancel
 from guard.pipeline.base import Candidate, Context, Step, StepDeps, register_step
 from guard.policy.model import BestOfNStep
 from guard.rerank import RerankError
@@ -64,7 +64,7 @@ class BestOfN(Step[BestOfNStep]):
                 rounds.append({"after_tokens": grown, "unfinished": len(unfinished), "pruned": len(pruned)})
                 unfinished = [i for i, (_, reason) in enumerate(live) if reason == "length"]
             chunk = min(rejection.chunk_tokens, budget - grown)
-            extended = await asyncio.gather(*(self._extend(ctx, live[i][0], chunk, n=1) for i in unfinished))
+            extended = await gather_or_cancel(*(self._extend(ctx, live[i][0], chunk, n=1) for i in unfinished))
             for i, more in zip(unfinished, extended, strict=True):
                 live[i][0] += more.choices[0].text
                 live[i][1] = more.choices[0].finish_reason

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from guard.concurrency import gather_or_cancel
 from guard.policy.reward import RemoteReward
 from guard.rerank.base import RerankError, RerankObserver, RewardSource, ScoreRequest, user_text
 
@@ -40,7 +41,7 @@ class RemoteSource(RewardSource):
                 if self.config.api == "score":
                     scores = await self._score_api(request)
                 else:
-                    scores = list(await asyncio.gather(*(self._pooling(request, reply) for reply in request.candidates)))
+                    scores = await gather_or_cancel(*(self._pooling(request, reply) for reply in request.candidates))
         except TimeoutError:
             raise RerankError(f"remote reward {self.config.url}: no answer within {limit:.3g}s") from None
         except httpx.HTTPError as exc:

@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from guard.concurrency import gather_or_cancel
 from guard.policy.reward import (
     EmbeddingReward,
     LMJudgeReward,
@@ -33,7 +34,7 @@ class WeightedSource(RewardSource):
         self.children = list(children)
 
     async def score(self, request: ScoreRequest, *, timeout: float | None = None) -> list[float]:
-        results = await asyncio.gather(*(source.score(request, timeout=timeout) for _, source in self.children))
+        results = await gather_or_cancel(*(source.score(request, timeout=timeout) for _, source in self.children))
         return [
             sum(weight * scores[i] for (weight, _), scores in zip(self.children, results, strict=True))
             for i in range(len(request.candidates))
