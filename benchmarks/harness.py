@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from guard.upstream.launcher import free_port
@@ -27,12 +28,17 @@ def latency_row(values: list[float], baseline_median: float) -> dict[str, float]
     }
 
 
-def start_guard(upstream: str, model: str, policy_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """`guard serve` in front of `upstream`; returns the process and its gRPC target once SERVING."""
+def start_guard(
+    upstream: str, model: str, policy_dir: Path, log: Path, extra_args: Sequence[str] = ()
+) -> tuple[subprocess.Popen, str]:
+    """`guard serve` in front of `upstream`; returns the process and its gRPC target once SERVING.
+
+    `extra_args` are appended to the `guard serve` command line (e.g. `--http-port N`; a later flag wins)."""
     port = free_port()
     command = [
         sys.executable, "-m", "guard.cli", "serve", "--upstream", upstream, "--model", model,
         "--port", str(port), "--metrics-port", "0", "--policies", str(policy_dir), "--log-level", "WARNING",
+        *extra_args,
     ]
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
