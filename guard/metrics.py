@@ -98,8 +98,20 @@ UPSTREAM_ERRORS = Counter(
 )
 UPSTREAM_HEALTHY = Gauge(
     "guard_upstream_healthy",
-    "1 when the endpoint's last health probe succeeded.",
+    "1 when the endpoint's last health probe succeeded and it is not ejected (nor awaiting its trial request).",
     ["endpoint"],
+    registry=REGISTRY,
+)
+UPSTREAM_EJECTIONS = Counter(
+    "guard_upstream_ejections_total",
+    "Times an endpoint was ejected after consecutive failures (or a failed trial after its backoff).",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+UPSTREAM_RETRIES = Counter(
+    "guard_upstream_retries_total",
+    "Upstream attempts after the first of a request: retried, or refused by the retry budget.",
+    ["outcome"],
     registry=REGISTRY,
 )
 POLICY_RELOADS = Counter(

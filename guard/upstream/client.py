@@ -96,7 +96,9 @@ class _Attempts:
             if remaining is not None and delay >= remaining:
                 raise self.failure()
             if not client._budget.try_retry():
+                metrics.UPSTREAM_RETRIES.labels(outcome="budget_exhausted").inc()
                 raise self.failure("retry budget exhausted")
+            metrics.UPSTREAM_RETRIES.labels(outcome="retried").inc()
             if delay:
                 await asyncio.sleep(delay)
                 endpoint = client._pick(set(self.tried))
@@ -294,6 +296,7 @@ class UpstreamClient:
 
     def _ejected(self, endpoint: Endpoint, why: str) -> None:
         log.warning("upstream %s ejected for %.1f s after %s", endpoint.url, endpoint.breaker.ejection_seconds, why)
+        metrics.UPSTREAM_EJECTIONS.labels(endpoint=endpoint.url).inc()
 
     @staticmethod
     def _publish(endpoint: Endpoint) -> None:

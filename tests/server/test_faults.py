@@ -188,6 +188,9 @@ def test_5xx_fails_over_and_the_failing_upstream_gets_nothing_while_ejected(tmp_
                 ejected_at = time.monotonic()
                 assert upstream_healthy(process, bad.url) == 0 and "ejected for" in process.log()
                 assert upstream_healthy(process, good.url) == 1
+                metrics = httpx.get(process.metrics_url, timeout=5).text
+                assert f'guard_upstream_ejections_total{{endpoint="{bad.url}"}} 1.0' in metrics
+                assert re.search(r'^guard_upstream_retries_total\{outcome="retried"\} [1-9]', metrics, re.MULTILINE)
                 seen = len(bad.requests)
                 for _ in range(3):
                     assert guard.generate("hi", timeout=10).text == "late but fine"
