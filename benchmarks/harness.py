@@ -33,12 +33,13 @@ def start_guard(
 ) -> tuple[subprocess.Popen, str]:
     """`guard serve` in front of `upstream`; returns the process and its gRPC target once SERVING.
 
-    `extra_args` are appended to the `guard serve` command line (e.g. `--http-port N`; a later flag wins)."""
+    The HTTP door is off unless `extra_args` (appended to the `guard serve` command line; a later flag
+    wins) turns it on, e.g. `--http-port N`: two benchmarks must not both want port 8080."""
     port = free_port()
     command = [
         sys.executable, "-m", "guard.cli", "serve", "--upstream", upstream, "--model", model,
         "--port", str(port), "--metrics-port", "0", "--policies", str(policy_dir), "--log-level", "WARNING",
-        *extra_args,
+        "--http-port", "-1", *extra_args,
     ]
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"

@@ -242,7 +242,12 @@ async def serve(settings: Settings) -> None:
         upstream = UpstreamClient(urls)
         model = await _resolve_model(upstream, model)
         app = GuardApp(settings, upstream, model)
-        await app.start()
+        try:
+            await app.start()
+        except BaseException:
+            # e.g. a port already taken: close what did start (the other door, pollers) before exiting.
+            await app.stop(grace=0)
+            raise
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

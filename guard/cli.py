@@ -44,7 +44,11 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per upstream HTTP call drowns guard's own request log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except RuntimeError as exc:  # a startup failure guard explains itself (a port in use, no model, ...)
+        logging.getLogger("guard").error("cannot start: %s", exc)
+        return 1
     return 0
 
 

@@ -4,6 +4,7 @@ the settings reach both doors, and a stop drains both."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import grpc
@@ -15,6 +16,7 @@ from guard import limits
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc
 from tests.support.fault_upstream import FaultUpstream
+from tests.support.guard_process import GuardProcess
 from tests.support.inprocess import start_app
 
 
@@ -165,3 +167,20 @@ async def test_oversized_requests_are_refused_naming_the_field(tmp_path, fault):
             assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the transport's own limit
     finally:
         await app.stop(grace=1)
+
+
+def test_a_taken_port_is_a_clear_startup_error(tmp_path, fault):
+    (tmp_path / "default.yaml").write_text("name: default\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = GuardProcess(
+            tmp_path, [fault.url], model="fault-model", log_path=tmp_path / "guard.log", extra=["--http-port", str(port)]
+        )
+        code = process.process.wait(60)
+        process.terminate()  # closes its log
+    log = process.log()
+    assert code == 1, log
+    assert f"cannot start: cannot bind HTTP port 127.0.0.1:{port}" in log
+    assert "Traceback" not in log and "never awaited" not in log
