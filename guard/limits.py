@@ -13,6 +13,7 @@ from guard.types import Sampling
 
 MAX_TOKENS = 32768
 MAX_STOP_STRINGS = 8
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 17  # signed 64-bit, with room for seed + choice index (n <= 16)
 # A request as it arrives (gRPC message or HTTP body): bounded before anything parses it.
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MAX_MESSAGES = 1024
@@ -39,6 +40,8 @@ def sampling(
         raise InvalidArgument(Invalid.TEMPERATURE.format(field=f"{prefix}temperature", value=temperature))
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise InvalidArgument(Invalid.TOP_P.format(field=f"{prefix}top_p", value=top_p))
+    if seed is not None and not MIN_SEED <= seed <= MAX_SEED:
+        raise InvalidArgument(f"{prefix}seed: must be between {MIN_SEED} and {MAX_SEED} (got {seed})")
     stop = tuple(stop)
     if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
         raise InvalidArgument(Invalid.STOP.format(field=f"{prefix}stop", limit=MAX_STOP_STRINGS, value=list(stop)))

@@ -39,11 +39,11 @@ from guard.http.openai_types import (
     POLICY_PREFIX,
     ChatCompletionRequest,
     CompletionRequest,
+    field_path,
     finish_reason,
     requested_policy,
 )
 from guard.pipeline.runner import TextDelta
-from guard.policy.loader import format_path
 from guard.service import Admission, GuardService, Observation, trace_of, visible_refusal
 from guard.types import GenerateInput, GenerateResult
 
@@ -69,7 +69,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
     status, kind = HTTP_STATUS.get(code, (500, "server_error"))
     if status == 500:
         log.error("internal error", exc_info=exc)
-    param = message.split(":", 1)[0] if code == grpc.StatusCode.INVALID_ARGUMENT and ":" in message else None
+    # Messages are "<field path>: <reason>"; a path can hold ":" itself (a metadata key), never ": ".
+    param = message.split(": ", 1)[0] if code == grpc.StatusCode.INVALID_ARGUMENT and ": " in message else None
     headers = {}
     if isinstance(exc, ResourceExhausted):
         # OpenAI's SDKs wait retry-after-ms (else retry-after) before retrying a 429.
@@ -86,10 +87,12 @@ def _parse(body: bytes, model: type[BaseModel]):
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        path = format_path(tuple(error["loc"])) or "body"
-        if error["type"] == "json_invalid":
-            raise InvalidArgument(f"body: not valid JSON ({error['msg']})") from None
+        errors = exc.errors()
+        if errors[0]["type"] == "json_invalid":
+            raise InvalidArgument(f"body: not valid JSON ({errors[0]['msg']})") from None
+        # A union-typed field fails once per member: the deepest failure says the most ("prompt[0]").
+        error = max(errors, key=lambda e: len(e["loc"]))
+        path = field_path(model, tuple(error["loc"])) or "body"
         raise InvalidArgument(f"{path}: {error['msg']}") from None
 
 

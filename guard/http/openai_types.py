@@ -8,12 +8,14 @@ something else.
 
 from __future__ import annotations
 
-from typing import Any
+import types
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from guard import limits
 from guard.errors import Invalid, InvalidArgument, NotFound
+from guard.policy.loader import format_path
 from guard.types import GenerateInput, Message
 
 POLICY_PREFIX = "guard/"
@@ -71,10 +73,13 @@ class _Common(_Lenient):
             seed=self.seed,
             stop=self.stop_strings(),
         )
-        metadata = dict(self.metadata or {})
+        metadata = limits.metadata(dict(self.metadata or {}))
         if self.user:
+            # OpenAI's end-user id, kept with the request's metadata (logs) under its own name.
+            if len(self.user) > limits.MAX_METADATA_CHARS:
+                raise InvalidArgument(f"user: at most {limits.MAX_METADATA_CHARS} characters (got {len(self.user)})")
             metadata["user"] = self.user
-        return GenerateInput(prompt=prompt, messages=messages, sampling=sampling, metadata=limits.metadata(metadata))
+        return GenerateInput(prompt=prompt, messages=messages, sampling=sampling, metadata=metadata)
 
 
 class ChatCompletionRequest(_Common):
@@ -87,6 +92,8 @@ class ChatCompletionRequest(_Common):
              "top_logprobs": None, "audio": None, "prediction": None}
         )
         response_format = (self.model_extra or {}).get("response_format")
+        if response_format is not None and not isinstance(response_format, dict):
+            raise InvalidArgument(f"response_format: must be an object such as {{\"type\": \"text\"}} (got {response_format!r})")
         if response_format and response_format.get("type", "text") != "text":
             raise InvalidArgument(f"response_format: only type 'text' is supported by guard (got {response_format.get('type')!r})")
         if not self.messages:
@@ -135,6 +142,47 @@ def _message(index: int, message: ChatMessage) -> Message:
             texts.append(part.text)
         content = "\n".join(texts)
     return Message(role, limits.text(content, f"messages[{index}].content"))  # type: ignore[arg-type]
+
+
+def field_path(model: type[BaseModel], loc: tuple) -> str:
+    """A pydantic error location as the client's field path: `messages[0].content[1].text`.
+
+    pydantic puts the member it tried into the location of a union-typed field ("prompt", "list[str]", 0);
+    the client never wrote those labels, so they are left out by walking the model's annotations.
+    """
+    path: list = []
+    annotation: Any = model
+    for part in loc:
+        members = [m for m in _members(annotation) if m is not type(None)]
+        owner = next((m for m in members if _is_model(m) and part in m.model_fields), None)
+        listed = next((m for m in members if get_origin(m) is list), None)
+        mapped = next((m for m in members if get_origin(m) is dict), None)
+        if owner is not None:
+            path.append(part)
+            annotation = owner.model_fields[part].annotation
+        elif isinstance(part, int) and listed is not None:
+            path.append(part)
+            annotation = get_args(listed)[0]
+        elif len(members) > 1:
+            # A union member's label: follow that member (by the label's leading type name).
+            annotation = next((m for m in members if str(part).startswith(getattr(get_origin(m) or m, "__name__", "?"))), Any)
+        elif mapped is not None:
+            path.append(part)
+            annotation = get_args(mapped)[1]
+        else:
+            path.append(part)
+            annotation = Any
+    return format_path(tuple(path))
+
+
+def _members(annotation: Any) -> list[Any]:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [member for arg in get_args(annotation) for member in _members(arg)]
+    return [annotation]
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def requested_policy(model: str, header: str | None, policy_names: set[str], model_names: set[str]) -> str:

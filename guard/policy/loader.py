@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ VERSION_LENGTH = 12
 
 Loc = tuple[int | str, ...]
 M = TypeVar("M", bound=BaseModel)
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -172,16 +174,25 @@ def duplicate_name_error(path: Path, name: str, other: str) -> PolicyError:
 
 def _parse(text: str, source: str, what: str = "policy keys (name, steps, ...)") -> tuple[yaml.MappingNode, dict[Any, Any]]:
     """The document's node tree (for line numbers) and the plain data built from it."""
-    loader = yaml.SafeLoader(text)
+    try:
+        # Inside the try: PyYAML's reader refuses some characters (C0 controls) as it is constructed.
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        line = len(_LINE_BREAK.findall(text, 0, exc.position)) + 1
+        char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        reason = f"invalid YAML: character {char} is not allowed (write it as an escape in a double-quoted string)"
+        raise PolicyError([PolicyIssue(source, line, "", reason)]) from None
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         reason = "; ".join(part for part in (exc.context, exc.problem) if part)
-        raise PolicyError([PolicyIssue(source, mark.line + 1 if mark else None, "", f"invalid YAML: {reason}")]) from None
+        raise PolicyError([PolicyIssue(source, _mark_line(mark), "", f"invalid YAML: {reason}")]) from None
     except yaml.YAMLError as exc:  # e.g. a control character PyYAML refuses before parsing
         raise PolicyError([PolicyIssue(source, None, "", f"invalid YAML: {exc}")]) from None
+    except RecursionError:  # PyYAML composes recursively: a few hundred nested [ or { exhaust the stack
+        raise PolicyError([PolicyIssue(source, None, "", "invalid YAML: nested too deeply")]) from None
     finally:
         loader.dispose()
     if node is None:
@@ -270,7 +281,16 @@ def _key_of(node: yaml.Node) -> Any:
 
 
 def _line(node: yaml.Node) -> int:
-    return node.start_mark.line + 1
+    return _mark_line(node.start_mark)
+
+
+def _mark_line(mark) -> int | None:
+    """1-based line as editors count it (\n, \r\n or \r): PyYAML also breaks lines at U+0085, U+2028, U+2029."""
+    if mark is None:
+        return None
+    if mark.buffer is not None:
+        return len(_LINE_BREAK.findall(mark.buffer, 0, mark.index)) + 1
+    return mark.line + 1
 
 
 def format_path(loc: Loc) -> str:

@@ -171,6 +171,8 @@ class PolicyStore:
                 if str(exc) != self._poll_failure:
                     log.error("cannot read policy directory %s: %s; keeping current policies", self.directory, exc)
                 self._poll_failure = str(exc)
+            except Exception:  # noqa: BLE001 - a bug reading one file must not end hot reload for all
+                log.exception("policy reload failed; keeping current policies")
 
 
 def _fingerprint(path: Path) -> Fingerprint | None:

@@ -202,54 +202,6 @@ headers_strategy = st.fixed_dictionaries(
 )
 
 
-# Known bugs. Each has a strict xfail example at the end of this module; the properties set aside
-# exactly these classes of input, and nothing else.
-
-
-def crashes_on_response_format(path: str, body: Any) -> bool:
-    """Bug 1: a chat `response_format` that is not an object (a string, a list, a number, true) is a
-    500 "internal error: AttributeError" (ChatCompletionRequest.to_input calls .get on it)."""
-    value = body.get("response_format") if isinstance(body, dict) and path == CHAT else None
-    return bool(value) and not isinstance(value, dict)
-
-
-UNION_LABEL = re.compile(r"^(?P<field>prompt|stop|messages\[(?P<index>\d+)\]\.content)\.str$")
-
-
-def known_misnaming(path: str, body: Any) -> str | None:
-    """The field a known-misnamed rejection is really about, or None when `path` is not one of them.
-
-    Bug 2: a wrong-typed value in a field whose type is a union (`prompt` and `stop`: str | list[str];
-    a message's `content`: str | list[part] | None) is reported under pydantic's label of the union's
-    first member, "prompt.str", "stop.str", "messages[0].content.str", as message and as `param`,
-    with that member's complaint ("Input should be a valid string") even when a list was sent.
-    Bug 3: a `user` longer than 256 characters (it joins the metadata) is reported as "metadata: ..."
-    although the request has no metadata.
-    """
-    if not isinstance(body, dict):
-        return None
-    match = UNION_LABEL.match(path)
-    if match:
-        if match["index"] is None:
-            container, key = body, match["field"]
-        else:
-            messages = body.get("messages")
-            index = int(match["index"])
-            container, key = (messages[index] if isinstance(messages, list) and index < len(messages) else {}), "content"
-        if not isinstance(container, dict) or key not in container:
-            return None
-        value = container[key]
-        nullable = key != "prompt"  # prompt: str | list[str]; stop and content may also be null
-        return match["field"] if not isinstance(value, str) and not (nullable and value is None) else None
-    user = body.get("user")
-    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
-    if path == "metadata" and isinstance(user, str) and user:
-        entries = {**metadata, "user": user}
-        if len(user) > MAX_METADATA_CHARS or len(entries) > 32:
-            return "user"
-    return None
-
-
 # Checks
 
 
@@ -266,11 +218,7 @@ def check_error(response: httpx.Response, body: Any, allowed_fields: set[str]) -
     path = field_path(message, body)
     assert path is not None, f"HTTP {response.status_code}: the message does not start with a field path: {message!r}"
     param = path if response.status_code == 400 else None
-    if param and ":" in param and param.startswith("metadata."):
-        # Bug 4: `param` is the message up to its first ":", so a metadata key with a colon is cut short.
-        param = param.split(":", 1)[0]
     assert error["param"] == param, error
-    path = known_misnaming(path, body) or path
     assert REQUEST_FIELD.match(path) or path.startswith("metadata."), f"{path!r} is not a request field: {message!r}"
     top = re.split(r"[.\[]", path, maxsplit=1)[0]
     assert top in allowed_fields | {"body"}, (
@@ -364,7 +312,6 @@ async def post(client: httpx.AsyncClient, path: str, content: bytes, headers: di
     body=st.one_of(json_values, st.dictionaries(st.one_of(st.sampled_from(FIELD_NAMES), texts), json_values, max_size=6)),
 )
 async def test_any_json_is_answered_or_rejected_naming_a_field(client, path: str, body: Any) -> None:
-    assume(not crashes_on_response_format(path, body))
     response = await post(client, path, encode(body))
     if response.status_code == 200:
         check_answer(response, path, body)
@@ -377,7 +324,6 @@ async def test_any_json_is_answered_or_rejected_naming_a_field(client, path: str
 @given(path=st.sampled_from([CHAT, COMPLETIONS]), data=st.data(), headers=headers_strategy)
 async def test_mutated_requests_are_answered_or_rejected_naming_a_mutated_field(client, path: str, data, headers) -> None:
     body, mutated = data.draw(mutated_bodies(path))
-    assume(not crashes_on_response_format(path, body))
     if "x-guard-policy" in headers:
         mutated.add("policy")  # the header is the request's policy when `model` names none
     if mutated & {"model", "policy"}:
@@ -419,7 +365,6 @@ async def test_bytes_that_are_not_json_are_rejected_naming_the_body(client, path
         assert check_error(response, None, {"body"}) == "body", response.text
     else:
         # It happens to be JSON: the JSON property applies.
-        assume(not crashes_on_response_format(path, body))
         response = await post(client, path, content)
         if response.status_code != 200:
             fields = (set(body) if isinstance(body, dict) else set()) | REQUIRED[path]
@@ -432,25 +377,12 @@ CHAT_HI = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
 PROMPT_HI = {"model": "default", "prompt": "hi"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a chat response_format that is not an object (here the string 'json_object') is a 500 "
-    "'internal error: AttributeError' (ChatCompletionRequest.to_input calls response_format.get); expected a 400 naming response_format",
-)
 async def test_a_response_format_that_is_not_an_object_is_rejected_naming_it(client) -> None:
     response = await post(client, CHAT, encode({**CHAT_HI, "response_format": "json_object"}))
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "response_format", response.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a wrong-typed value in a union-typed field is reported under pydantic's label of the union's first member "
-    "('prompt.str', 'stop.str', 'messages[0].content.str': message and param), with that member's complaint "
-    "'Input should be a valid string' even for a list; expected the field's own path",
-)
 @pytest.mark.parametrize(
     ("path", "body", "field"),
     [
@@ -467,24 +399,12 @@ async def test_a_wrong_typed_union_field_is_named_by_its_own_path(client, path: 
     assert param.startswith(field) and REQUEST_FIELD.match(param), response.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a `user` longer than 256 characters is rejected as 'metadata: at most 32 entries of at most 256 characters each' "
-    "(param 'metadata') although the request has no metadata; expected a message and param naming user",
-)
 async def test_a_too_long_user_is_rejected_naming_user(client) -> None:
     response = await post(client, COMPLETIONS, encode({**PROMPT_HI, "user": "u" * 257}))
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "user", response.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the error's param is the message up to its first ':', so for a metadata key with a colon "
-    "('metadata.a:b: Input should be a valid string') param is 'metadata.a'; expected 'metadata.a:b'",
-)
 async def test_param_is_the_whole_path_when_a_metadata_key_has_a_colon(client) -> None:
     response = await post(client, COMPLETIONS, encode({**PROMPT_HI, "metadata": {"a:b": 1}}))
     assert response.status_code == 400, response.text
