@@ -543,6 +543,17 @@ def _error_message(response: httpx.Response) -> str:
         return response.text[:500]
 
 
+# What vLLM reports; anything else is a garbled answer, not something to pass on to clients.
+FINISH_REASONS = frozenset({"stop", "length", "abort", "tool_calls", "content_filter", "error"})
+
+
+def _finish_reason(value: Any, url: str) -> str | None:
+    if value is None or value in FINISH_REASONS:
+        return value
+    metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
+    raise UpstreamError(f"upstream {url} gave an unknown finish_reason {str(value)[:40]!r}")
+
+
 def _parse_completion(payload: dict[str, Any], url: str, *, chat: bool) -> Completion:
     """Lenient: vLLM adds fields beyond OpenAI's; only what guard needs is required."""
     try:
@@ -570,7 +581,7 @@ def _parse_completion(payload: dict[str, Any], url: str, *, chat: bool) -> Compl
                 Choice(
                     index=int(raw.get("index", len(choices))),
                     text=str(text),
-                    finish_reason=raw.get("finish_reason"),
+                    finish_reason=_finish_reason(raw.get("finish_reason"), url),
                     token_logprobs=token_logprobs,
                     top_logprobs=top_logprobs,
                 )
@@ -626,7 +637,7 @@ async def _parse_sse(response: httpx.Response, url: str, *, chat: bool) -> Async
         for raw in event.get("choices") or []:
             chosen = True
             text = ((raw.get("delta") or {}).get("content") or "") if chat else (raw.get("text") or "")
-            yield StreamDelta(index=int(raw.get("index", 0)), text=text, finish_reason=raw.get("finish_reason"))
+            yield StreamDelta(index=int(raw.get("index", 0)), text=text, finish_reason=_finish_reason(raw.get("finish_reason"), url))
     # vLLM ends every stream with [DONE]; without it the answer may be cut short.
     metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="stream_broken").inc()
     raise UpstreamError(f"upstream {url} ended the stream without [DONE]")

@@ -106,3 +106,14 @@ async def generate(client: UpstreamClient, stream: bool) -> None:
             pass
     else:
         await client.generate("m", prompt="hi", sampling=sampling, stream=False, timeout=5)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_garbled_finish_reason_is_an_upstream_error_not_passed_on(chat):
+    from guard.upstream.client import UpstreamError, _parse_completion
+
+    choice = {"index": 0, "finish_reason": "len4th", "text": "x", "message": {"content": "x"}}
+    with pytest.raises(UpstreamError, match="finish_reason"):
+        _parse_completion({"choices": [choice], "usage": {}}, "http://u", chat=chat)
+    choice["finish_reason"] = "length"
+    assert _parse_completion({"choices": [choice], "usage": {}}, "http://u", chat=chat).choices[0].finish_reason == "length"
