@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import warnings
 
 import pytest
 
@@ -22,17 +21,6 @@ pytestmark = pytest.mark.integration
 # More faults than the full soak, so each kind shows up within 30 s; delays of 2-7 s against a 4 s deadline.
 FAULTS = Faults(delay=0.06, drop=0.04, drop_mid=0.06, corrupt=0.06, delay_seconds=(2.0, 7.0), seed=1)
 SETTINGS = Settings(duration=30.0, warmup=0.0, concurrency=64, deadline=4.0, slack=5.0, window=10.0, seed=1, max_tokens=(4, 24))
-
-
-def known_bug(entry: dict) -> bool:
-    """guard relays the upstream's finish_reason unchecked, so a corrupted one ("len4th") reaches the client:
-    about one corrupted response in 650 (the 10-minute soak's one unexpected outcome). Tolerated here, with a
-    warning, so that this test fails on anything else; drop this once guard validates finish_reason."""
-    examples = entry["examples"]
-    if entry["count"] != len(examples) or not all(e["detail"].startswith("finish_reason ") for e in examples):
-        return False
-    warnings.warn(f"known guard bug (upstream finish_reason relayed unchecked): {examples}", stacklevel=2)
-    return True
 
 
 @pytest.mark.timeout(120)
@@ -47,8 +35,7 @@ def test_a_short_soak_has_only_expected_outcomes(vllm_server, tmp_path):
             guard.stop()
     summary = {key: report[key] for key in ("statuses", "by_door_kind", "unexpected", "drain", "guard_outcomes", "faults_injected")}
     described = json.dumps(summary, indent=1)
-    unexpected = {key: entry for key, entry in report["unexpected"]["kinds"].items() if not known_bug(entry)}
-    assert not unexpected, described
+    assert report["unexpected"]["count"] == 0, described
     assert report["drain"]["in_flight_left"] == 0, described
     # Every outcome that is injected often enough occurred: answers, refusals (a third of safe-assistant's
     # prompts are harmful), faults that reach the client, delays past the deadline.
