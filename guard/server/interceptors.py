@@ -22,7 +22,12 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
     if isinstance(exc, ResourceExhausted):
         # gRPC's retry pushback: a client with a retry policy waits this long before trying again.
         context.set_trailing_metadata((("grpc-retry-pushback-ms", str(math.ceil(exc.retry_after * 1000))),))
-    await context.abort(code, message)
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:  # noqa: BLE001 - the call already ended (its client gave up): nobody to tell
+        log.debug("%s: could not send %s, the call had ended", method, code.name)
 
 
 class ExceptionInterceptor(grpc.aio.ServerInterceptor):

@@ -149,7 +149,7 @@ class _Attempt:
         elif isinstance(error, UpstreamRateLimited) or (isinstance(error, UpstreamTimeout) and self.received):
             self.endpoint.breaker.released(self._trial)  # busy, or the deadline was short: no verdict
         else:
-            self._client._failed(self.endpoint, error)
+            self._client._failed(self.endpoint, error, trial=self._trial)
         return error
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -286,11 +286,12 @@ class UpstreamClient:
         endpoint.breaker.succeeded()
         self._publish(endpoint)
 
-    def _failed(self, endpoint: Endpoint, error: UpstreamError) -> None:
+    def _failed(self, endpoint: Endpoint, error: UpstreamError, *, trial: bool = False) -> None:
+        # `healthy` stays the /health probe's verdict (what readiness reports); one dropped connection
+        # must not flip guard to NOT_SERVING. The breaker decides whether requests go there.
         if isinstance(error, UpstreamUnavailable):
-            endpoint.healthy = False
             metrics.UPSTREAM_ERRORS.labels(endpoint=endpoint.url, kind="connect").inc()
-        if endpoint.breaker.failed():
+        if endpoint.breaker.failed(trial):
             self._ejected(endpoint, f"{endpoint.breaker.failures} consecutive failures, the last: {error}")
         self._publish(endpoint)
 
@@ -609,16 +610,21 @@ async def _parse_sse(response: httpx.Response, url: str, *, chat: bool) -> Async
     if not content_type.startswith("text/event-stream"):
         metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
         raise UpstreamError(f"upstream {url} answered a stream request with {content_type or 'no content type'}, not events")
-    chosen = False
+    chosen = done = False
     async for line in response.aiter_lines():
         if not line.startswith("data:"):
             continue
         data = line[5:].strip()
         if data == "[DONE]":
-            if chosen:
-                return
-            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-            raise UpstreamError(f"upstream {url} ended the stream without any choice")
+            if not chosen:
+                metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
+                raise UpstreamError(f"upstream {url} ended the stream without any choice")
+            # Read on to the end of the body (the chunked terminator follows [DONE]): httpx only reuses a
+            # connection read to its end, and a new connection per stream costs a handshake each time.
+            done = True
+            continue
+        if done:
+            continue
         try:
             event = json.loads(data)
         except ValueError as exc:
@@ -638,6 +644,8 @@ async def _parse_sse(response: httpx.Response, url: str, *, chat: bool) -> Async
             chosen = True
             text = ((raw.get("delta") or {}).get("content") or "") if chat else (raw.get("text") or "")
             yield StreamDelta(index=int(raw.get("index", 0)), text=text, finish_reason=_finish_reason(raw.get("finish_reason"), url))
+    if done:
+        return
     # vLLM ends every stream with [DONE]; without it the answer may be cut short.
     metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="stream_broken").inc()
     raise UpstreamError(f"upstream {url} ended the stream without [DONE]")

@@ -72,10 +72,19 @@ class Breaker:
         self.ejected_until = None
         self.trial = False
 
-    def failed(self) -> bool:
-        """Counts a failure; True when it ejects the endpoint."""
+    def failed(self, trial: bool = False) -> bool:
+        """Counts a failure; True when it ejects the endpoint.
+
+        While ejected, only the trial's failure (or one after the backoff) ejects again: requests sent
+        before the ejection failing one after another must not escalate the backoff within milliseconds.
+        """
+        if self.ejected_until is not None:
+            if trial or not self.ejected:
+                self._eject()
+                return True
+            return False
         self.failures += 1
-        if self.ejected_until is not None or self.failures >= self.threshold:
+        if self.failures >= self.threshold:
             self._eject()
             return True
         return False

@@ -325,3 +325,46 @@ async def test_the_retry_budget_keeps_a_dead_fleet_from_a_retry_storm(client_for
             errors.append(str(raised.value))
         assert len(one.requests) + len(two.requests) == 12 + 3  # 25% extra, not 200%
         assert all("retry budget exhausted" in e for e in errors)
+
+
+async def test_streams_reuse_the_upstream_connection():
+    """A stream is read to the end of its body after [DONE], so httpx keeps the connection for the next request."""
+    from guard.types import Sampling
+    from guard.upstream.client import UpstreamClient
+
+    accepted = 0
+    event = b'data: {"choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}]}\n\n'
+
+    async def handle(reader, writer):
+        nonlocal accepted
+        accepted += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
+                await reader.readexactly(length)
+                if head.startswith(b"GET"):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                    for chunk in (event, b"data: [DONE]\n\n"):
+                        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        await writer.drain()
+                        await asyncio.sleep(0.005)  # the terminator arrives after [DONE] was read
+                    writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    client = UpstreamClient([f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"])
+    try:
+        await client.start()
+        before = accepted
+        for _ in range(5):
+            texts = [d.text async for d in client.generate("m", prompt="x", sampling=Sampling(max_tokens=1), stream=True)]
+            assert "".join(texts) == "hi"
+        assert accepted - before <= 1
+    finally:
+        await client.close()
+        server.close()

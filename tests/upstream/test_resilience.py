@@ -43,13 +43,23 @@ def test_backoff_doubles_per_ejection_with_jitter_and_a_cap(clock):
     for _ in range(4):
         clock.now = b.ejected_until
         assert b.sent() is True  # the trial...
-        b.failed()  # ...fails: ejected again, at once
+        b.failed(trial=True)  # ...fails: ejected again, at once
         spans.append(b.ejection_seconds)
     assert spans == [10.0, 20.0, 40.0, 60.0, 60.0]
     jittered = breaker(clock, rand=0.5)
     for _ in range(3):
         jittered.failed()
     assert jittered.ejection_seconds == 7.5  # between half and all of the span
+
+
+def test_failures_of_requests_sent_before_the_ejection_do_not_escalate_it(clock):
+    b = breaker(clock, rand=1.0)
+    for _ in range(3):
+        b.failed()
+    assert b.ejection_seconds == 10.0
+    # Requests already in flight when it was ejected fail one after another, milliseconds apart.
+    assert [b.failed(), b.failed(), b.failed()] == [False, False, False]
+    assert b.ejection_seconds == 10.0 and b.ejected_until == clock.now + 10.0
 
 
 def test_one_trial_after_the_backoff_then_success_readmits(clock):
