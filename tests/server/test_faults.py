@@ -75,6 +75,21 @@ def test_client_cancel_closes_the_upstream_request(client, fault):
     assert fault.disconnects.wait(5), "a cancelled call must close its upstream request"
 
 
+def test_client_cancelling_a_stream_closes_the_upstream_request(client, fault):
+    from guard.v1 import guard_pb2 as pb
+
+    fault.mode = "hang"
+    before = len(fault.requests)
+    call = client.stub.GenerateStream(pb.GenerateRequest(prompt="hi"))
+    deadline = time.monotonic() + 5
+    while len(fault.requests) == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.2)
+    call.cancel()
+    assert fault.disconnects.wait(5), "a cancelled stream must close its upstream request"
+
+
 def test_no_reachable_upstream_is_unavailable(tmp_path):
     (tmp_path / "default.yaml").write_text("name: default\n")
     process = GuardProcess(tmp_path, [f"http://127.0.0.1:{free_port()}"], model="m", log_path=tmp_path / "guard.log")
