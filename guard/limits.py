@@ -13,7 +13,7 @@ from guard.types import Sampling
 
 MAX_TOKENS = 32768
 MAX_STOP_STRINGS = 8
-MIN_SEED, MAX_SEED = -(2**63), 2**63 - 17  # signed 64-bit, with room for seed + choice index (n <= 16)
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1  # what a signed 64-bit seed (vLLM's, the proto's) holds
 # A request as it arrives (gRPC message or HTTP body): bounded before anything parses it.
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MAX_MESSAGES = 1024

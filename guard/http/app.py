@@ -428,12 +428,17 @@ def _choices(generate_input: GenerateInput, n: int) -> list[GenerateInput]:
             prompt=generate_input.prompt,
             messages=generate_input.messages,
             policy=generate_input.policy,
-            sampling=generate_input.sampling if seed is None else generate_input.sampling.with_(seed=seed + index),
+            sampling=generate_input.sampling if seed is None else generate_input.sampling.with_(seed=_choice_seed(seed, index)),
             metadata=generate_input.metadata,
             include_trace=generate_input.include_trace,
         )
         for index in range(n)
     ]
+
+
+def _choice_seed(seed: int, index: int) -> int:
+    """seed + index, stepping down instead where that would leave the 64-bit range."""
+    return seed + index if seed + index <= limits.MAX_SEED else seed - index
 
 
 async def _collect(events: AsyncIterator[tuple[int, TextDelta | GenerateResult]], n: int) -> list[GenerateResult]:
