@@ -88,6 +88,9 @@ async def test_fails_over_from_a_dead_endpoint(vllm_server, client_for):
     client.endpoints[1].in_flight = 5  # make the dead endpoint the first pick
     completion = await client.generate(vllm_server.model, prompt="hi", sampling=GREEDY, stream=False)
     assert completion.upstream_url == vllm_server.url
+    # The failure counts toward ejecting it; readiness stays what the /health probe says.
+    assert client.endpoints[0].breaker.failures == 1
+    await client.check_health()
     assert client.endpoints[0].healthy is False
 
 
