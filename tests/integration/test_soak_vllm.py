@@ -16,7 +16,7 @@ import pytest
 from benchmarks.fault_proxy import Faults, ProxyThread
 from benchmarks.soak import GuardServer, Settings, run_soak, write_policies
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.soak]
 
 # More faults than the full soak, so each kind shows up within 30 s; delays of 2-7 s against a 4 s deadline.
 FAULTS = Faults(delay=0.06, drop=0.04, drop_mid=0.06, corrupt=0.06, delay_seconds=(2.0, 7.0), seed=1)
