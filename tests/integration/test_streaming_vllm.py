@@ -72,47 +72,29 @@ def test_a_streamed_block_refuses_and_aborts_the_generation(guard, guard_server,
     )  # fmt: skip
     guard.generate(PROMPT, policy="stream-block", max_tokens=2)  # warm: the first request builds the pipeline
     exposed_before = metric(scrape(guard_server.metrics_url), "guard_stream_exposed_chars_count", policy="stream-block")
-    generated = []
-    # vLLM makes LONG tokens in about a second on a quiet machine; on a loaded one guard may be too slow to
-    # stop it in time now and then: a generation that never gets aborted fails all attempts.
-    for _ in range(3):
-        tokens_before = vllm_sum(vllm_server, "vllm:generation_tokens_total")
-        pieces, final = split(list(guard.stream(PROMPT, policy="stream-block", timeout=120)))
-
-        assert final.refused and final.finish_reason == "refused" and final.text == "Filtered."
-        assert (final.refusal["stage"], final.refusal["rule"]) == ("output", "the-word")
-        *released, refusal = pieces  # what was released stays released; the refusal comes last
-        assert refusal == "Filtered."
-        released = "".join(released)
-        assert greedy_long_text.startswith(released)
-        assert len(released) <= re.search(re.escape(word), greedy_long_text, re.IGNORECASE).start()
-        assert 0 < final.completion_tokens < LONG
-        # vLLM stopped generating: nothing runs any more, and fewer than LONG tokens were made.
-        assert wait_for(lambda: vllm_sum(vllm_server, "vllm:num_requests_running") == 0, timeout=5)
-        generated.append(vllm_sum(vllm_server, "vllm:generation_tokens_total") - tokens_before)
-        if generated[-1] < LONG:
-            break
-    assert min(generated) < LONG, f"vLLM generated {generated} tokens: the blocked request was never aborted"
+    pieces, final = split(list(guard.stream(PROMPT, policy="stream-block", timeout=120)))
+    assert final.refused and final.finish_reason == "refused" and final.text == "Filtered."
+    assert (final.refusal["stage"], final.refusal["rule"]) == ("output", "the-word")
+    *released, refusal = pieces  # what was released stays released; the refusal comes last
+    assert refusal == "Filtered."
+    released = "".join(released)
+    assert greedy_long_text.startswith(released)
+    assert len(released) <= re.search(re.escape(word), greedy_long_text, re.IGNORECASE).start()
+    assert 0 < final.completion_tokens < LONG  # guard stopped reading at the block
+    # That the upstream request is closed at the block (so vLLM aborts it) is timed against a trickling
+    # upstream in tests/server/test_faults.py: a warm tiny model writes all LONG tokens before guard
+    # can react, which made a vLLM-side check here a race.
+    assert wait_for(lambda: vllm_sum(vllm_server, "vllm:num_requests_running") == 0, timeout=5)
     exposed_after = metric(scrape(guard_server.metrics_url), "guard_stream_exposed_chars_count", policy="stream-block")
-    assert exposed_after == exposed_before + len(generated)
+    assert exposed_after == exposed_before + 1
 
 
-def test_filtered_text_arrives_while_vllm_is_still_generating(guard, vllm_server, policy_dir, greedy_long_text):
+def test_a_filtered_stream_comes_in_pieces_that_make_the_whole_answer(guard, policy_dir, greedy_long_text):
+    # Released while the upstream still generates: timed against a trickling upstream in tests/server/test_faults.py.
     add_policy(
         guard, policy_dir, "stream-pass",
         f"name: stream-pass\nsampling: {{temperature: 0.0, max_tokens: {LONG}}}\n"
         "steps:\n  - type: output_filter\n    rules: [{name: never, keywords: [zqxjzqxj]}]\n",
     )  # fmt: skip
-    guard.generate(PROMPT, policy="stream-pass", max_tokens=2)  # warm: the first request builds the pipeline
-    running_at_first_piece = []
-    for _ in range(3):  # as above: a loaded machine may stall guard past the (short) generation now and then
-        events = []
-        for event in guard.stream(PROMPT, policy="stream-pass", timeout=120):
-            if not events and isinstance(event, str):
-                running_at_first_piece.append(vllm_sum(vllm_server, "vllm:num_requests_running"))
-            events.append(event)
-        pieces, final = split(events)
-        assert len(pieces) > 1 and "".join(pieces) == final.text == greedy_long_text
-        if running_at_first_piece[-1] == 1:
-            break
-    assert running_at_first_piece[-1] == 1, "the first text must reach the client while vLLM is still generating"
+    pieces, final = split(list(guard.stream(PROMPT, policy="stream-pass", timeout=120)))
+    assert len(pieces) > 1 and "".join(pieces) == final.text == greedy_long_text

@@ -29,6 +29,11 @@ def fault():
 def guard_on_fault(fault, tmp_path_factory):
     policies = tmp_path_factory.mktemp("fault-policies")
     (policies / "default.yaml").write_text("name: default\n")
+    moderated = "steps:\n  - type: output_filter\n    stream_holdback_chars: 16\n    stream_check_every_chars: 8\n"
+    (policies / "stream-block.yaml").write_text(
+        "name: stream-block\nrefusal: Filtered.\n" + moderated + "    rules: [{name: piece-five, regex: ['piece 5\\b']}]\n"
+    )
+    (policies / "stream-pass.yaml").write_text("name: stream-pass\n" + moderated + "    rules: [{name: never, keywords: [zqxj]}]\n")
     process = GuardProcess(policies, [fault.url], model="fault-model", log_path=policies / "guard.log")
     try:
         process.wait_serving(timeout=60)
@@ -88,6 +93,34 @@ def test_client_cancelling_a_stream_closes_the_upstream_request(client, fault):
     time.sleep(0.2)
     call.cancel()
     assert fault.disconnects.wait(5), "a cancelled stream must close its upstream request"
+
+
+@pytest.fixture
+def trickle(fault):
+    """The upstream streams 100 pieces, one every 20 ms (2 s in all), like a model generating."""
+    fault.mode, fault.events, fault.hang_seconds, fault.sent_events = "trickle", 100, 0.02, 0
+    yield fault
+    fault.events, fault.hang_seconds = 3, 30
+
+
+def test_a_streamed_block_refuses_and_closes_the_upstream_stream(client, trickle):
+    *pieces, final = list(client.stream("hi", policy="stream-block", timeout=30))
+    assert final.refused and final.refusal["rule"] == "piece-five" and pieces[-1] == "Filtered."
+    assert "piece 5" not in "".join(pieces[:-1])  # what was released never includes the match
+    assert trickle.disconnects.wait(5), "a block must close the upstream request (vLLM then aborts it)"
+    assert trickle.sent_events < 20  # the upstream was stopped soon after piece 5, not left to run 100
+
+
+def test_moderated_text_arrives_while_the_upstream_is_still_generating(client, trickle):
+    sent_at_first_piece = None
+    events = []
+    for event in client.stream("hi", policy="stream-pass", timeout=30):
+        if sent_at_first_piece is None and isinstance(event, str):
+            sent_at_first_piece = trickle.sent_events
+        events.append(event)
+    *pieces, final = events
+    assert not final.refused and "".join(pieces) == "".join(f"piece {i} " for i in range(100))
+    assert sent_at_first_piece is not None and sent_at_first_piece < 20, sent_at_first_piece
 
 
 def test_no_reachable_upstream_is_unavailable(tmp_path):

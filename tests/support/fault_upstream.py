@@ -19,6 +19,7 @@ MODES = (
     "status",  # answers `status` with `body` and `headers`
     "empty_choices",  # a completion (or stream) without any choice
     "stream_reset",  # `events` text events, a pause to let them be read, then a TCP reset
+    "trickle",  # a stream of `events` text events, one per `hang_seconds`, like a model generating; notes a disconnect
 )
 
 
@@ -48,6 +49,7 @@ class FaultUpstream:
         self.health_status = 200
         self.status, self.body, self.headers = 503, b'{"error": {"message": "overloaded"}}', {}
         self.events = 3
+        self.sent_events = 0
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -117,6 +119,24 @@ class FaultUpstream:
                         self._send(200, b"data: " + EMPTY_BODY + b"\n\ndata: [DONE]\n\n", "text/event-stream")
                     else:
                         self._send(200, EMPTY_BODY)
+                elif mode == "trickle":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    try:
+                        for i in range(owner.events):
+                            event = piece_event(i)
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                            self.wfile.flush()
+                            owner.sent_events = i + 1
+                            time.sleep(owner.hang_seconds)
+                        done = b"data: [DONE]\n\n"
+                        self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+                        self.wfile.flush()
+                    except OSError:
+                        owner.disconnects.set()  # the client closed the stream: a generation would stop here
+                        self.close_connection = True
                 elif mode == "stream_reset":
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
