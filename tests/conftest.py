@@ -42,8 +42,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "vllm_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
-    # The soak saturates the shared vLLM for half a minute and leaves it warmed up (faster): tests that
-    # time vLLM against guard (stopping a generation mid-way) must run before it, so it runs last.
+    # The soak saturates the shared vLLM for half a minute and leaves it warmed up; it runs last so that
+    # every other test sees the server in the state it was started in.
     items.sort(key=lambda item: item.get_closest_marker("soak") is not None)
 
 
