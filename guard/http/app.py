@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -420,18 +421,11 @@ class OpenAIDoor:
 
 def _choices(generate_input: GenerateInput, n: int) -> list[GenerateInput]:
     """n independent requests; with a seed, choice i samples with seed + i (else every choice would be the same)."""
-    if n == 1:
-        return [generate_input]
     seed = generate_input.sampling.seed
+    if n == 1 or seed is None:
+        return [generate_input] * n
     return [
-        GenerateInput(
-            prompt=generate_input.prompt,
-            messages=generate_input.messages,
-            policy=generate_input.policy,
-            sampling=generate_input.sampling if seed is None else generate_input.sampling.with_(seed=_choice_seed(seed, index)),
-            metadata=generate_input.metadata,
-            include_trace=generate_input.include_trace,
-        )
+        dataclasses.replace(generate_input, sampling=generate_input.sampling.with_(seed=_choice_seed(seed, index)))
         for index in range(n)
     ]
 
