@@ -2,7 +2,7 @@
 
     python -m benchmarks.proxy_cost                        # passthrough, gRPC unary + stream + HTTP
     python -m benchmarks.proxy_cost --profile              # and where the time goes (py-spy, guard's process)
-    python -m benchmarks.proxy_cost --requests 200 --smoke # seconds; what CI runs
+    python -m benchmarks.proxy_cost --smoke                # seconds; what CI runs
 
 Starts benchmarks.instant_upstream, `guard serve` in front of it (passthrough policy, logging at
 WARNING), and the strongest baseline: a minimal proxy (grpc.aio servicer -> aiohttp -> the same
@@ -318,8 +318,11 @@ def main() -> None:
     parser.add_argument("--doors", nargs="+", default=["grpc", "grpc-stream", "http"])
     parser.add_argument("--profile", action="store_true", help="run guard under py-spy and summarize where its time goes")
     parser.add_argument("--guard-args", nargs=argparse.REMAINDER, default=[], help="extra `guard serve` flags (last)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: 100 requests at concurrency 1, what CI runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "proxy_cost.json")
     args = parser.parse_args()
+    if args.smoke:
+        args.requests, args.concurrency, args.profile = 100, [1], False
     result = asyncio.run(run(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
