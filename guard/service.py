@@ -152,17 +152,19 @@ class GuardService:
         return Admission(tenant, loaded, self.pipelines.get(loaded), with_trace=trace)
 
     async def stream(
-        self, admission: Admission, request: GenerateInput, *, deadline: float | None, door: str
+        self, admission: Admission, request: GenerateInput, *, deadline: float | None, door: str, incremental: bool = True
     ) -> AsyncIterator[TextDelta | GenerateResult]:
-        """The pipeline's stream; the final GenerateResult is also logged and its tokens counted."""
-        async with contextlib.aclosing(admission.pipeline.stream(request, deadline=deadline)) as events:
+        """The pipeline's stream (see Pipeline.stream); the final GenerateResult is also logged and its tokens counted."""
+        stream = admission.pipeline.stream(request, deadline=deadline, incremental=incremental)
+        async with contextlib.aclosing(stream) as events:
             async for event in events:
                 if isinstance(event, GenerateResult):
                     self._account(admission, request, event, door)
                 yield event
 
     async def run(self, admission: Admission, request: GenerateInput, *, deadline: float | None, door: str) -> GenerateResult:
-        async with contextlib.aclosing(self.stream(admission, request, deadline=deadline, door=door)) as events:
+        stream = self.stream(admission, request, deadline=deadline, door=door, incremental=False)
+        async with contextlib.aclosing(stream) as events:
             async for event in events:
                 if isinstance(event, GenerateResult):
                     return event

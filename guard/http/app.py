@@ -334,7 +334,7 @@ class OpenAIDoor:
             deadline = _deadline(request.headers.get("x-guard-timeout-seconds"))
             reply = _Reply(model is ChatCompletionRequest, admission, bool(body.stream_options and body.stream_options.include_usage))
             headers = {"x-guard-policy": admission.policy, "x-guard-policy-version": admission.loaded.version}
-            events = self._events(admission, inputs, deadline)
+            events = self._events(admission, inputs, deadline, incremental=bool(body.stream))
             if body.stream:
                 # The first event is awaited before answering, so that a failure before any text
                 # (upstream down, deadline) is still an HTTP error status rather than a broken stream.
@@ -351,11 +351,12 @@ class OpenAIDoor:
         return JSONResponse(reply.response(results), headers=headers)
 
     async def _events(
-        self, admission: Admission, inputs: list[GenerateInput], deadline: float | None
+        self, admission: Admission, inputs: list[GenerateInput], deadline: float | None, *, incremental: bool
     ) -> AsyncIterator[tuple[int, TextDelta | GenerateResult]]:
         """(choice index, event) of every choice's stream; choices run concurrently, each the whole policy."""
         if len(inputs) == 1:
-            async with contextlib.aclosing(self.service.stream(admission, inputs[0], deadline=deadline, door="http")) as events:
+            stream = self.service.stream(admission, inputs[0], deadline=deadline, door="http", incremental=incremental)
+            async with contextlib.aclosing(stream) as events:
                 async for event in events:
                     yield 0, event
             return
@@ -363,7 +364,7 @@ class OpenAIDoor:
 
         async def pump(index: int, generate_input: GenerateInput) -> None:
             try:
-                stream = self.service.stream(admission, generate_input, deadline=deadline, door="http")
+                stream = self.service.stream(admission, generate_input, deadline=deadline, door="http", incremental=incremental)
                 async with contextlib.aclosing(stream) as events:
                     async for event in events:
                         await queue.put((index, event))

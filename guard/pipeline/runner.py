@@ -100,23 +100,23 @@ class Pipeline:
 
     async def run(self, request: GenerateInput, *, deadline: float | None = None) -> GenerateResult:
         """The unary answer: the stream, drained (its final result carries the whole text)."""
-        async with contextlib.aclosing(self._answer(request, deadline, to_client=False)) as events:
+        async with contextlib.aclosing(self.stream(request, deadline=deadline, incremental=False)) as events:
             async for event in events:
                 if isinstance(event, GenerateResult):
                     return event
         raise AssertionError("the answer stream ended without a result")
 
-    def stream(self, request: GenerateInput, *, deadline: float | None = None) -> AsyncIterator[TextDelta | GenerateResult]:
+    async def stream(
+        self, request: GenerateInput, *, deadline: float | None = None, incremental: bool = True
+    ) -> AsyncIterator[TextDelta | GenerateResult]:
         """Yields TextDelta pieces, then the final GenerateResult.
 
         Its text is the whole answer (the pieces joined), or on a refusal the refusal text:
-        pieces sent before a mid-stream block stay sent.
+        pieces sent before a mid-stream block stay sent. `incremental=False` is for a caller that
+        only wants the result: with no step moderating a stream, the upstream is then asked for the
+        whole answer at once (one JSON body instead of an event per token: measured, a third of
+        guard's CPU per passthrough request).
         """
-        return self._answer(request, deadline, to_client=True)
-
-    async def _answer(
-        self, request: GenerateInput, deadline: float | None, *, to_client: bool
-    ) -> AsyncIterator[TextDelta | GenerateResult]:
         started = time.perf_counter()
         ctx = self._context(request, deadline)
         result = GenerateResult(
@@ -125,8 +125,11 @@ class Pipeline:
         await self._before(ctx, result.trace)
         if ctx.refusal is None:
             pieces: list[str] = []
-            generate = self._streamed if self.streams_directly else self._whole
-            async with contextlib.aclosing(generate(ctx, result, to_client=to_client)) as answer:
+            if self.streams_directly and (incremental or self.moderators):
+                generated = self._streamed(ctx, result, incremental=incremental)
+            else:
+                generated = self._whole(ctx, result)
+            async with contextlib.aclosing(generated) as answer:
                 async for piece in answer:
                     pieces.append(piece)
                     yield TextDelta(piece)
@@ -150,7 +153,7 @@ class Pipeline:
             timeout=ctx.remaining(),
         )
 
-    async def _streamed(self, ctx: Context, result: GenerateResult, *, to_client: bool) -> AsyncIterator[str]:
+    async def _streamed(self, ctx: Context, result: GenerateResult, *, incremental: bool) -> AsyncIterator[str]:
         """The answer as vLLM generates it, minus a held-back tail the moderating steps have not yet vetted.
 
         Sets ctx.refusal (and stops) when a moderating step blocks; the upstream request is
@@ -194,13 +197,13 @@ class Pipeline:
                 if len(text) > released:
                     yield text[released:]
                 released = len(text)
-            if ctx.refusal is not None and to_client:
+            if ctx.refusal is not None and incremental:
                 metrics.STREAM_EXPOSED_CHARS.labels(policy=self.policy.name).observe(released)
         finally:
             checks.record(result.trace)
         result.finish_reason = result.finish_reason or "stop"
 
-    async def _whole(self, ctx: Context, result: GenerateResult, *, to_client: bool) -> AsyncIterator[str]:
+    async def _whole(self, ctx: Context, result: GenerateResult) -> AsyncIterator[str]:
         """Generate all candidates, run the after-hooks and selection, yield the chosen answer in one piece."""
         trace = result.trace
         upstream_started = time.perf_counter()

@@ -1,6 +1,7 @@
 """Async client for vLLM's OpenAI-compatible API, over one or more servers.
 
-One pooled httpx client; endpoints are health-checked in the background and
+One pooled aiohttp session (measured: a third of httpx's CPU per request, see
+benchmarks/proxy_cost.py); endpoints are health-checked in the background and
 requests go to the healthy endpoint with the fewest requests in flight. An
 endpoint that keeps failing (connection errors, HTTP 5xx, broken streams,
 timeouts before its first byte) is ejected for a while (resilience.Breaker).
@@ -15,18 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, overload
 
-import httpx
+import aiohttp
+import orjson
 
 from guard import metrics
 from guard.errors import ResourceExhausted
@@ -205,12 +206,11 @@ class UpstreamClient:
         if not urls:
             raise ValueError("at least one upstream URL is required")
         self.endpoints = [Endpoint(url.rstrip("/"), breaker()) for url in urls]
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(
-            headers=headers,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            timeout=httpx.Timeout(default_timeout, connect=connect_timeout),
-        )
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None  # made on first use, inside the event loop
         self._connect_timeout = connect_timeout
         self._health_interval = health_interval
         self._default_timeout = default_timeout
@@ -231,7 +231,22 @@ class UpstreamClient:
             except asyncio.CancelledError:
                 pass
             self._health_task = None
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
+                headers=self._headers,
+                # vLLM neither compresses nor sets cookies: skip the work of expecting either.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            )
+        return self._session
 
     # -- endpoint selection -------------------------------------------------
 
@@ -240,9 +255,10 @@ class UpstreamClient:
 
     async def _probe(self, endpoint: Endpoint) -> None:
         try:
-            response = await self._http.get(f"{endpoint.url}/health", timeout=self._connect_timeout)
-            healthy = response.status_code == 200
-        except httpx.HTTPError:
+            async with self._http.get(f"{endpoint.url}/health", timeout=aiohttp.ClientTimeout(total=self._connect_timeout)) as response:
+                await response.read()
+                healthy = response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
             healthy = False
         if healthy != endpoint.healthy:
             log.warning("upstream %s is now %s", endpoint.url, "healthy" if healthy else "unhealthy")
@@ -307,23 +323,29 @@ class UpstreamClient:
 
     # -- requests ------------------------------------------------------------
 
-    def _timeout(self, timeout: float | None) -> httpx.Timeout:
-        total = self._default_timeout if timeout is None else max(timeout, 0.001)
-        return httpx.Timeout(total, connect=min(self._connect_timeout, total))
+    def _timeout(self, timeout: float | None) -> aiohttp.ClientTimeout:
+        """The deadline bounds the whole exchange, a stream included; without one, each read waits at most
+        `default_timeout` (a generation may take that long between tokens only if something is wrong)."""
+        if timeout is None:
+            return aiohttp.ClientTimeout(connect=self._connect_timeout, sock_read=self._default_timeout)
+        total = max(timeout, 0.001)
+        return aiohttp.ClientTimeout(total=total, connect=min(self._connect_timeout, total))
 
     async def _post(
         self, path: str, body: dict[str, Any], timeout: float | None, parse: Callable[[dict[str, Any], str], Completion]
     ) -> Completion:
         """POST to the best endpoint and parse its JSON answer; failures of the endpoint are retried."""
         attempts = _Attempts(self, timeout)
+        payload = orjson.dumps(body)
         while True:
             endpoint, remaining = await attempts.next()
             url = endpoint.url
             with _Attempt(self, endpoint, path) as attempt:
                 try:
-                    response = await self._http.post(f"{url}{path}", json=body, timeout=self._timeout(remaining))
-                    return parse(self._decode(response, url, body.get("model")), url)
-                except httpx.TransportError as exc:
+                    async with self._http.post(f"{url}{path}", data=payload, timeout=self._timeout(remaining)) as response:
+                        raw = await response.read()
+                    return parse(self._decode(response.status, response.headers, raw, url, path, body.get("model")), url)
+                except (aiohttp.ClientError, TimeoutError) as exc:
                     error = _transport_error(exc, url)
                     if isinstance(error, UpstreamTimeout):
                         raise attempt.judge(error) from exc
@@ -335,29 +357,30 @@ class UpstreamClient:
             attempts.last_error = error
 
     @staticmethod
-    def _decode(response: httpx.Response, url: str, model: str | None = None) -> dict[str, Any]:
-        status = response.status_code
+    def _decode(
+        status: int, headers: Mapping[str, str], raw: bytes, url: str, path: str, model: str | None = None
+    ) -> dict[str, Any]:
         if status != 200:
             metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind=f"http_{status // 100}xx").inc()
-            reason = f"HTTP {status}: {_error_message(response)}"
+            reason = f"HTTP {status}: {_error_message(raw)}"
             if status in (401, 403):
                 raise UpstreamMisconfigured(
                     f"upstream {url} refused guard's upstream credentials ({reason}); guard's operator must fix its API key"
                 )
             if status == 404:
-                what = f"model {model!r}" if model else str(response.request.url.path)
+                what = f"model {model!r}" if model else path
                 raise UpstreamMisconfigured(f"upstream {url} does not serve {what} ({reason})")
             if status == 429:
-                wait = _retry_after(response)
+                wait = _retry_after(headers)
                 raise UpstreamRateLimited(f"upstream {url} is rate limiting ({reason}); retry after {wait:g} s", retry_after=wait)
             if 400 <= status < 500:
                 raise UpstreamRejected(f"upstream {url} returned {reason}")
             raise UpstreamError(f"upstream {url} returned {reason}")
         try:
-            payload = response.json()
+            payload = orjson.loads(raw)
         except ValueError as exc:
             metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-            raise UpstreamError(f"upstream {url} returned a body that is not JSON: {response.text[:200]!r}") from exc
+            raise UpstreamError(f"upstream {url} returned a body that is not JSON: {raw[:200]!r}") from exc
         if not isinstance(payload, dict):
             metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
             raise UpstreamError(f"upstream {url} returned JSON that is not an object")
@@ -444,12 +467,14 @@ class UpstreamClient:
         may repeat: the caller keeps the latest); once text has flowed, it is raised.
         """
         attempts = _Attempts(self, timeout)
+        payload = orjson.dumps(body)
         while True:
             endpoint, remaining = await attempts.next()
             texted = False
             with _Attempt(self, endpoint, path) as attempt:
                 try:
-                    async with contextlib.aclosing(self._events(attempt, path, body, remaining, attempts, chat=chat)) as deltas:
+                    events = self._events(attempt, path, payload, body.get("model"), remaining, chat=chat)
+                    async with contextlib.aclosing(events) as deltas:
                         async for delta in deltas:
                             texted = texted or bool(delta.text)
                             yield delta
@@ -461,62 +486,60 @@ class UpstreamClient:
             attempts.last_error = error
 
     async def _events(
-        self, attempt: _Attempt, path: str, body: dict[str, Any], remaining: float | None, attempts: _Attempts, *, chat: bool
+        self, attempt: _Attempt, path: str, payload: bytes, model: str | None, remaining: float | None, *, chat: bool
     ) -> AsyncIterator[StreamDelta]:
-        """One endpoint's stream; every failure is an UpstreamError."""
+        """One endpoint's stream; every failure is an UpstreamError. The deadline bounds the whole stream."""
         url = attempt.endpoint.url
-        request = self._http.build_request("POST", f"{url}{path}", json=body, timeout=self._timeout(remaining))
         try:
-            response = await self._http.send(request, stream=True)
-        except httpx.TransportError as exc:
+            response = await self._http.post(f"{url}{path}", data=payload, timeout=self._timeout(remaining))
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_error(exc, url) from exc
         try:
-            if response.status_code != 200:
-                await response.aread()
-                self._decode(response, url, body.get("model"))
+            if response.status != 200:
+                self._decode(response.status, response.headers, await response.read(), url, path, model)
             async with contextlib.aclosing(_parse_sse(response, url, chat=chat)) as events:
-                while True:
-                    # httpx's timeout bounds each read, not the whole stream: the deadline does.
-                    try:
-                        async with asyncio.timeout(attempts.remaining()):
-                            delta = await anext(events)
-                    except StopAsyncIteration:
-                        return
-                    except TimeoutError as exc:
-                        raise UpstreamTimeout(f"upstream {url} did not finish before the deadline") from exc
+                async for delta in events:
                     attempt.received = True
                     yield delta
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"upstream {url} stopped answering in time") from exc
-        except httpx.TransportError as exc:
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"upstream {url} did not finish before the deadline") from exc
+        except ValueError as exc:  # aiohttp: an event line beyond its read buffer
+            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
+            raise UpstreamError(f"upstream {url} sent an event too large to read: {exc}") from exc
+        except aiohttp.ClientError as exc:
             metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="stream_broken").inc()
             raise UpstreamError(f"upstream {url} dropped the stream: {str(exc) or repr(exc)}") from exc
         finally:
-            # Closing mid-stream (client cancelled, or a filter blocked) drops the connection;
-            # vLLM then aborts the request.
-            await response.aclose()
+            # Read to its end, the connection goes back to the pool; closed mid-stream (client cancelled,
+            # or a filter blocked), it is dropped, and vLLM aborts the request.
+            if response.content.at_eof():
+                response.release()
+            else:
+                response.close()
 
     async def models(self) -> list[str]:
         endpoint = self._pick(set())
         try:
-            response = await self._http.get(f"{endpoint.url}/v1/models", timeout=self._connect_timeout)
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"upstream {endpoint.url} unreachable: {exc}") from exc
-        payload = self._decode(response, endpoint.url)
+            async with self._http.get(f"{endpoint.url}/v1/models", timeout=aiohttp.ClientTimeout(total=self._connect_timeout)) as response:
+                raw = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable(f"upstream {endpoint.url} unreachable: {str(exc) or repr(exc)}") from exc
+        payload = self._decode(response.status, response.headers, raw, endpoint.url, "/v1/models")
         return [str(item.get("id")) for item in payload.get("data", [])]
 
 
-def _transport_error(exc: httpx.TransportError, url: str) -> UpstreamError:
+def _transport_error(exc: aiohttp.ClientError | TimeoutError, url: str) -> UpstreamError:
     """Before a response: a connection failure (retryable elsewhere), or the deadline."""
-    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+    if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamTimeout(f"upstream {url} did not answer in time")
     return UpstreamUnavailable(str(exc) or repr(exc))
 
 
-def _retry_after(response: httpx.Response) -> float:
+def _retry_after(headers: Mapping[str, str]) -> float:
     """Seconds from retry-after-ms or Retry-After (seconds or an HTTP date); 1 s when absent or unreadable."""
+    headers = {name.lower(): value for name, value in headers.items()}
     for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = response.headers.get(header)
+        value = headers.get(header)
         if value is None:
             continue
         try:
@@ -534,14 +557,14 @@ def _retry_after(response: httpx.Response) -> float:
     return 1.0
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(raw: bytes) -> str:
     """vLLM puts the useful part in {"error": {"message": ...}} (older: {"message": ...})."""
     try:
-        payload = response.json()
-        error = payload.get("error", payload)
-        return str(error.get("message", error) if isinstance(error, dict) else error)[:500]
+        payload = orjson.loads(raw)
     except ValueError:
-        return response.text[:500]
+        return raw[:500].decode("utf-8", "replace")
+    error = payload.get("error", payload) if isinstance(payload, dict) else payload
+    return str(error.get("message", error) if isinstance(error, dict) else error)[:500]
 
 
 # What vLLM reports; anything else is a garbled answer, not something to pass on to clients.
@@ -605,28 +628,28 @@ def _parse_completion(payload: dict[str, Any], url: str, *, chat: bool) -> Compl
         raise UpstreamError(f"upstream {url} returned an unexpected completion shape: {exc!r}") from exc
 
 
-async def _parse_sse(response: httpx.Response, url: str, *, chat: bool) -> AsyncIterator[StreamDelta]:
+async def _parse_sse(response: aiohttp.ClientResponse, url: str, *, chat: bool) -> AsyncIterator[StreamDelta]:
     content_type = response.headers.get("content-type", "")
     if not content_type.startswith("text/event-stream"):
         metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
         raise UpstreamError(f"upstream {url} answered a stream request with {content_type or 'no content type'}, not events")
     chosen = done = False
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
+    async for line in response.content:
+        if not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
-        if data == "[DONE]":
+        if data == b"[DONE]":
             if not chosen:
                 metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
                 raise UpstreamError(f"upstream {url} ended the stream without any choice")
-            # Read on to the end of the body (the chunked terminator follows [DONE]): httpx only reuses a
-            # connection read to its end, and a new connection per stream costs a handshake each time.
+            # Read on to the end of the body (the chunked terminator follows [DONE]): only a connection
+            # read to its end is reused, and a new connection per stream costs a handshake each time.
             done = True
             continue
         if done:
             continue
         try:
-            event = json.loads(data)
+            event = orjson.loads(data)
         except ValueError as exc:
             metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
             raise UpstreamError(f"upstream {url} sent an event that is not JSON: {data[:200]!r}") from exc

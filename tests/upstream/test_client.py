@@ -331,7 +331,7 @@ async def test_the_retry_budget_keeps_a_dead_fleet_from_a_retry_storm(client_for
 
 
 async def test_streams_reuse_the_upstream_connection():
-    """A stream is read to the end of its body after [DONE], so httpx keeps the connection for the next request."""
+    """A stream is read to the end of its body after [DONE], so the connection is kept for the next request."""
     from guard.types import Sampling
     from guard.upstream.client import UpstreamClient
 

@@ -7,7 +7,6 @@ from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
 import grpc
-import httpx
 import pytest
 
 from guard.errors import ResourceExhausted, status_for
@@ -83,9 +82,8 @@ async def test_429_is_resource_exhausted_with_the_upstream_s_retry_hint(fault, c
 
 def test_retry_after_as_an_http_date():
     when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
-    response = httpx.Response(429, headers={"Retry-After": when})
-    assert 28 <= _retry_after(response) <= 30
-    assert _retry_after(httpx.Response(429, headers={"Retry-After": "-3"})) == 0.0
+    assert 28 <= _retry_after({"Retry-After": when}) <= 30
+    assert _retry_after({"retry-after": "-3"}) == 0.0
 
 
 @pytest.mark.parametrize("stream", [False, True])
