@@ -21,7 +21,6 @@ from guard.pipeline.runner import Pipelines
 from guard.policy.store import PolicyStore
 from guard.rerank import Reranker
 from guard.safety.embedder import Embedders
-from guard.server.interceptors import ExceptionInterceptor
 from guard.server.servicer import GuardServicer
 from guard.service import GuardService
 from guard.settings import Settings
@@ -73,7 +72,6 @@ class GuardApp:
         )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[ExceptionInterceptor()],
             options=[
                 ("grpc.so_reuseport", 0),
                 # Room for the largest request guard accepts plus protobuf framing; content limits name fields.

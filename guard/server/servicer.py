@@ -12,6 +12,7 @@ import grpc
 
 from guard.pipeline.runner import TextDelta
 from guard.server import convert
+from guard.server.statuses import stream_statuses, unary_statuses
 from guard.service import GuardService
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc
@@ -33,6 +34,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
     def __init__(self, service: GuardService) -> None:
         self.service = service
 
+    @unary_statuses
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         with self.service.observe("Generate", generates=True) as observation:
             tenant = self.service.authenticate(_authorization(context))
@@ -45,6 +47,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
             convert.fill_result(response, result, admission)
             return response
 
+    @stream_statuses
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -64,6 +67,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
                 convert.fill_result(final, event, admission)
                 yield final
 
+    @unary_statuses
     async def ListPolicies(self, request: pb.ListPoliciesRequest, context) -> pb.ListPoliciesResponse:
         with self.service.observe("ListPolicies") as observation:
             tenant = self.service.authenticate(_authorization(context))
@@ -84,6 +88,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
                     response.load_errors.add(file=file, issues=[str(issue) for issue in error.issues])
             return response
 
+    @unary_statuses
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         with self.service.observe("Score", generates=True) as observation:
             tenant = self.service.authenticate(_authorization(context))
