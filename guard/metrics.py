@@ -45,6 +45,7 @@ REQUESTS_IN_FLIGHT = Gauge(
     "Requests being handled now.",
     ["rpc"],
     registry=REGISTRY,
+    multiprocess_mode="livesum",  # under --workers: all live workers' together
 )
 OVERLOADED = Counter(
     "guard_overloaded_total",
@@ -101,6 +102,7 @@ UPSTREAM_HEALTHY = Gauge(
     "1 when the endpoint's last health probe succeeded and it is not ejected (nor awaiting its trial request).",
     ["endpoint"],
     registry=REGISTRY,
+    multiprocess_mode="livemin",  # under --workers: 1 only while every live worker would send to it
 )
 UPSTREAM_EJECTIONS = Counter(
     "guard_upstream_ejections_total",
@@ -124,6 +126,7 @@ POLICIES_LOADED = Gauge(
     "guard_policies_loaded",
     "Policies currently served.",
     registry=REGISTRY,
+    multiprocess_mode="livemin",  # under --workers: what every live worker serves, whichever takes a request
 )
 
 # Reranking (best_of_n).
