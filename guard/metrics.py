@@ -8,6 +8,8 @@ is "other"); never prompt text.
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -157,6 +159,13 @@ RERANK_CHOSEN_SCORE = Histogram(
     buckets=(-10, -5, -2, -1, -0.5, 0, 0.25, 0.5, 0.75, 1, 2, 5, 10),
     registry=REGISTRY,
 )
+
+
+@functools.lru_cache(maxsize=8192)
+def child(metric, *label_values: str):
+    """`metric.labels(*label_values)`, remembered: the hot path records each request in several metrics,
+    and labels() validates and locks on every call. Label values are bounded (see above), so is this."""
+    return metric.labels(*label_values)
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0"):

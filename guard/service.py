@@ -57,7 +57,7 @@ class Observation:
         self.started = time.perf_counter()
         self.finished = False
         self.on_finish: Callable[[], None] | None = None
-        metrics.REQUESTS_IN_FLIGHT.labels(rpc=rpc).inc()
+        metrics.child(metrics.REQUESTS_IN_FLIGHT, rpc).inc()
 
     def admitted(self, admission: Admission) -> None:
         self.policy = admission.policy
@@ -77,9 +77,9 @@ class Observation:
             cancelled = isinstance(exc, (GeneratorExit, asyncio.CancelledError))
             self.outcome = "CANCELLED" if cancelled else status_for(exc)[0].name
         tenant = self.access.metric_label(self.tenant)
-        metrics.REQUESTS_IN_FLIGHT.labels(rpc=self.rpc).dec()
-        metrics.REQUESTS.labels(rpc=self.rpc, policy=self.policy, tenant=tenant, outcome=self.outcome).inc()
-        metrics.REQUEST_SECONDS.labels(rpc=self.rpc, policy=self.policy).observe(time.perf_counter() - self.started)
+        metrics.child(metrics.REQUESTS_IN_FLIGHT, self.rpc).dec()
+        metrics.child(metrics.REQUESTS, self.rpc, self.policy, tenant, self.outcome).inc()
+        metrics.child(metrics.REQUEST_SECONDS, self.rpc, self.policy).observe(time.perf_counter() - self.started)
 
 
 class GuardService:
@@ -173,10 +173,10 @@ class GuardService:
     def _account(self, admission: Admission, request: GenerateInput, result: GenerateResult, door: str) -> None:
         tenant = self.access.metric_label(admission.tenant)
         usage = result.usage
-        metrics.TOKENS.labels(policy=admission.policy, tenant=tenant, kind="prompt").inc(usage.prompt_tokens)
-        metrics.TOKENS.labels(policy=admission.policy, tenant=tenant, kind="completion").inc(usage.completion_tokens)
+        metrics.child(metrics.TOKENS, admission.policy, tenant, "prompt").inc(usage.prompt_tokens)
+        metrics.child(metrics.TOKENS, admission.policy, tenant, "completion").inc(usage.completion_tokens)
         self.access.charge_tokens(admission.tenant, usage.prompt_tokens + usage.completion_tokens)
-        log.info(
+        log.debug(
             "%s tenant=%s policy=%s version=%s finish=%s refused=%s tokens=%d/%d %.3fs metadata=%s",
             door, admission.tenant.name, result.policy, result.policy_version, result.finish_reason, bool(result.refusal),
             usage.prompt_tokens, usage.completion_tokens, result.total_seconds, request.metadata,

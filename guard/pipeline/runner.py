@@ -64,7 +64,7 @@ class Pipeline:
         )
 
     def _record(self, step: Step, phase: str, elapsed: float, detail: dict, trace: list[TraceEntry]) -> None:
-        metrics.STEP_SECONDS.labels(policy=self.policy.name, step=step.name, phase=phase).observe(elapsed)
+        metrics.child(metrics.STEP_SECONDS, self.policy.name, step.name, phase).observe(elapsed)
         trace.append(TraceEntry(step=step.name, type=step.type, phase=phase, duration_seconds=elapsed, detail=detail))
 
     async def _timed(self, ctx: Context, step: Step, phase: str, call, trace: list[TraceEntry]):

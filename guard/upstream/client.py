@@ -155,7 +155,7 @@ class _Attempt:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.endpoint.in_flight -= 1
-        metrics.UPSTREAM_REQUEST_SECONDS.labels(endpoint=self.endpoint.url, path=self._path).observe(
+        metrics.child(metrics.UPSTREAM_REQUEST_SECONDS, self.endpoint.url, self._path).observe(
             time.perf_counter() - self._started
         )
         if self._judged:
@@ -503,9 +503,6 @@ class UpstreamClient:
                     yield delta
         except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream {url} did not finish before the deadline") from exc
-        except ValueError as exc:  # aiohttp: an event line beyond its read buffer
-            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-            raise UpstreamError(f"upstream {url} sent an event too large to read: {exc}") from exc
         except aiohttp.ClientError as exc:
             metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="stream_broken").inc()
             raise UpstreamError(f"upstream {url} dropped the stream: {str(exc) or repr(exc)}") from exc
@@ -628,47 +625,86 @@ def _parse_completion(payload: dict[str, Any], url: str, *, chat: bool) -> Compl
         raise UpstreamError(f"upstream {url} returned an unexpected completion shape: {exc!r}") from exc
 
 
+# A longer event line than this is not vLLM's: refuse it rather than buffer without bound.
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+
+
 async def _parse_sse(response: aiohttp.ClientResponse, url: str, *, chat: bool) -> AsyncIterator[StreamDelta]:
+    """Deltas of vLLM's server-sent events, coalesced per network read.
+
+    Whatever arrived together is passed on together: the latest token counts first (they count the
+    read's text too), then one delta per run of text of the same choice. A consumer slower than vLLM
+    then handles fewer, larger pieces instead of falling behind one event at a time.
+    """
     content_type = response.headers.get("content-type", "")
     if not content_type.startswith("text/event-stream"):
         metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
         raise UpstreamError(f"upstream {url} answered a stream request with {content_type or 'no content type'}, not events")
-    chosen = done = False
-    async for line in response.content:
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            if not chosen:
-                metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-                raise UpstreamError(f"upstream {url} ended the stream without any choice")
-            # Read on to the end of the body (the chunked terminator follows [DONE]): only a connection
-            # read to its end is reused, and a new connection per stream costs a handshake each time.
-            done = True
-            continue
-        if done:
-            continue
-        try:
-            event = orjson.loads(data)
-        except ValueError as exc:
+    state = _EventState(url, chat)
+    partial = b""
+    async for chunk in response.content.iter_any():
+        lines = (partial + chunk).split(b"\n") if partial else chunk.split(b"\n")
+        partial = lines.pop()  # b"" when the read ended on a line break
+        if len(partial) > MAX_EVENT_BYTES:
             metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-            raise UpstreamError(f"upstream {url} sent an event that is not JSON: {data[:200]!r}") from exc
-        usage = event.get("usage") or {}
-        # Token counts (with continuous usage: on every event) count the event's text too, so they come first.
+            raise UpstreamError(f"upstream {url} sent an event longer than {MAX_EVENT_BYTES} bytes")
+        for delta in state.read(lines):
+            yield delta
+    for delta in state.read([partial]):
+        yield delta
+    if state.done:
+        return
+    # vLLM ends every stream with [DONE]; without it the answer may be cut short.
+    metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="stream_broken").inc()
+    raise UpstreamError(f"upstream {url} ended the stream without [DONE]")
+
+
+class _EventState:
+    """What _parse_sse has seen of one stream."""
+
+    def __init__(self, url: str, chat: bool) -> None:
+        self.url = url
+        self.chat = chat
+        self.chosen = False  # some event carried a choice
+        self.done = False  # [DONE] was read; the rest of the body is read only to reuse the connection
+
+    def read(self, lines: list[bytes]) -> list[StreamDelta]:
+        url = self.url
+        usage = None
+        pieces: list[StreamDelta] = []
+        for line in lines:
+            if self.done or not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                if not self.chosen:
+                    metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
+                    raise UpstreamError(f"upstream {url} ended the stream without any choice")
+                self.done = True
+                continue
+            try:
+                event = orjson.loads(data)
+            except ValueError as exc:
+                metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
+                raise UpstreamError(f"upstream {url} sent an event that is not JSON: {data[:200]!r}") from exc
+            usage = event.get("usage") or usage
+            for raw in event.get("choices") or []:
+                self.chosen = True
+                text = ((raw.get("delta") or {}).get("content") or "") if self.chat else (raw.get("text") or "")
+                index = int(raw.get("index", 0))
+                finish_reason = _finish_reason(raw.get("finish_reason"), url)
+                last = pieces[-1] if pieces else None
+                if last is not None and last.index == index and last.finish_reason is None:
+                    pieces[-1] = StreamDelta(index=index, text=last.text + text, finish_reason=finish_reason)
+                else:
+                    pieces.append(StreamDelta(index=index, text=text, finish_reason=finish_reason))
         if usage:
-            yield StreamDelta(
+            counts = StreamDelta(
                 index=0,
                 text="",
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),
                 upstream_url=url,
             )
-        for raw in event.get("choices") or []:
-            chosen = True
-            text = ((raw.get("delta") or {}).get("content") or "") if chat else (raw.get("text") or "")
-            yield StreamDelta(index=int(raw.get("index", 0)), text=text, finish_reason=_finish_reason(raw.get("finish_reason"), url))
-    if done:
-        return
-    # vLLM ends every stream with [DONE]; without it the answer may be cut short.
-    metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="stream_broken").inc()
-    raise UpstreamError(f"upstream {url} ended the stream without [DONE]")
+            pieces.insert(0, counts)
+        return pieces
