@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from guard import limits, metrics
+from guard import limits, metrics, workers
 from guard.access import AccessControl
 from guard.http.app import OpenAIDoor
 from guard.http.server import HttpServer
@@ -66,6 +66,7 @@ class GuardApp:
                 tls_cert=settings.tls_cert,
                 tls_key=settings.tls_key,
                 tls_client_ca=settings.tls_client_ca,
+                reuse_port=settings.reuse_port,
             )
             if settings.http_port >= 0
             else None
@@ -73,7 +74,7 @@ class GuardApp:
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             options=[
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
                 # Room for the largest request guard accepts plus protobuf framing; content limits name fields.
                 ("grpc.max_receive_message_length", limits.MAX_REQUEST_BYTES + 64 * 1024),
             ],
@@ -215,28 +216,7 @@ async def serve(settings: Settings) -> None:
     import torch
 
     torch.set_num_threads(settings.torch_threads)
-    launcher = None
-    urls = list(settings.upstream)
-    model = settings.model
-    if not urls:
-        from guard.upstream.default_model import DEFAULT_MODEL_NAME, prepare_default_model
-        from guard.upstream.launcher import ManagedVLLM
-
-        model_dir = settings.vllm_model_dir or str(await asyncio.to_thread(prepare_default_model))
-        served = model or (DEFAULT_MODEL_NAME if not settings.vllm_model_dir else None)
-        launcher = ManagedVLLM(
-            model_dir,
-            port=settings.vllm_port or None,
-            max_model_len=settings.vllm_max_model_len,
-            dtype="bfloat16",
-            served_model_name=served,
-            log_path=settings.cache_dir / "vllm.log",
-        )
-        log.info("starting a local vLLM on %s (log: %s)", model_dir, settings.cache_dir / "vllm.log")
-        await asyncio.to_thread(launcher.start)
-        urls = [launcher.url]
-        model = launcher.served_model_name
-    try:
+    async with workers.upstreams(settings) as (urls, model):
         upstream = UpstreamClient(urls)
         model = await _resolve_model(upstream, model)
         app = GuardApp(settings, upstream, model)
@@ -250,9 +230,7 @@ async def serve(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        workers.notify_ready(orphaned=stop.set)
         await stop.wait()
         log.info("shutting down: draining in-flight requests (grace %.0fs)", settings.grace_seconds)
         await app.stop()
-    finally:
-        if launcher is not None:
-            await asyncio.to_thread(launcher.stop)

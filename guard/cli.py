@@ -17,7 +17,7 @@ DEFAULT_TARGET = os.environ.get("GUARD_TARGET", "127.0.0.1:50051")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from guard.app import serve
+    from guard import workers
 
     settings = Settings.from_env(
         host=args.host,
@@ -40,11 +40,21 @@ def _serve(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         log_level=args.log_level,
         torch_threads=args.torch_threads,
+        workers=args.workers,
     )
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Workers share the log: each line says whose it is.
+    index = workers.worker_index()
+    who = f" [worker {index} pid %(process)d]" if index is not None else ""
+    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s")
     # One line per upstream HTTP call drowns guard's own request log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        if settings.workers < 1:
+            raise RuntimeError(f"--workers must be 1 or more, not {settings.workers}")
+        if settings.workers > 1:
+            return workers.supervise(settings)
+        from guard.app import serve
+
         asyncio.run(serve(settings))
     except RuntimeError as exc:  # a startup failure guard explains itself (a port in use, no model, ...)
         logging.getLogger("guard").error("cannot start: %s", exc)
@@ -281,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", help="[GUARD_LOG_LEVEL, INFO]")
     serve.add_argument("--torch-threads", type=int, help="threads for in-process models [GUARD_TORCH_THREADS, 1]")
+    serve.add_argument(
+        "--workers", type=int, help="processes sharing the gRPC and HTTP ports, under a supervisor that serves /metrics [GUARD_WORKERS, 1]"
+    )
     serve.set_defaults(func=_serve)
 
     ask = commands.add_parser("ask", help="send one prompt through guard")

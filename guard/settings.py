@@ -50,6 +50,11 @@ class Settings:
     # on a loaded 2-core machine).
     torch_threads: int = 1
     cache_dir: Path = field(default_factory=_cache_dir)
+    # Processes serving the same ports; more than 1: a supervisor starts them (guard.workers).
+    workers: int = 1
+    # SO_REUSEPORT on both doors, set by the supervisor for its workers. Off otherwise: a second guard
+    # on a taken port must fail to start, not silently take half its traffic.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         self.check_tls()
@@ -74,6 +79,20 @@ class Settings:
                 setattr(settings, name, value)
         settings.check_tls()
         return settings
+
+    def to_env(self) -> dict[str, str]:
+        """The GUARD_<FIELD> variables from_env reads back as these settings: how a supervisor configures its workers."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                text = "1" if value else "0"
+            elif isinstance(value, list):
+                text = ",".join(value)
+            else:
+                text = "" if value is None else str(value)
+            env[f"GUARD_{f.name.upper()}"] = text
+        return env
 
 
 OPTIONAL_PATHS = ("api_keys", "tls_cert", "tls_key", "tls_client_ca")

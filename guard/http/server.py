@@ -28,6 +28,7 @@ class HttpServer:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         tls_client_ca: Path | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.config = uvicorn.Config(
             app,
@@ -42,6 +43,7 @@ class HttpServer:
         )
         self.host = host
         self.requested_port = port
+        self.reuse_port = reuse_port
         self.port = 0
         self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None
@@ -53,6 +55,8 @@ class HttpServer:
         # response body written after its headers waits ~40 ms for the client's delayed ACK.
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.reuse_port:  # workers of one supervisor share the port; the kernel spreads connections
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((self.host, self.requested_port))
         except OSError as exc:
