@@ -6,6 +6,8 @@ the OpenAI API), so the checks take the field names; the bounds and messages liv
 
 from __future__ import annotations
 
+import uuid
+
 from collections.abc import Sequence
 
 from guard.errors import Invalid, InvalidArgument
@@ -57,6 +59,20 @@ def text(value: str, field: str) -> str:
 def message_count(count: int) -> None:
     if count > MAX_MESSAGES:
         raise InvalidArgument(f"messages: at most {MAX_MESSAGES} messages (got {count})")
+
+
+MAX_REQUEST_ID_CHARS = 128
+
+
+def request_id(given: str | None) -> str:
+    """The caller's x-request-id (printable ASCII, no spaces, at most 128 characters), or a new one."""
+    if not given:
+        return uuid.uuid4().hex
+    if len(given) > MAX_REQUEST_ID_CHARS or not all("!" <= c <= "~" for c in given):
+        raise InvalidArgument(
+            f"x-request-id: at most {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces (got {given[:40]!r})"
+        )
+    return given
 
 
 def metadata(values: dict[str, str]) -> dict[str, str]:

@@ -67,6 +67,14 @@ REFUSALS = Counter(
     ["policy", "step", "stage"],
     registry=REGISTRY,
 )
+TIME_TO_FIRST_TEXT = Histogram(
+    "guard_time_to_first_token_seconds",
+    "Streaming requests: time from receipt to the first answer text sent (a moderation window or a step that needs "
+    "the whole answer delays it).",
+    ["rpc", "policy"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 STREAM_EXPOSED_CHARS = Histogram(
     "guard_stream_exposed_chars",
     "Characters of answer already streamed to the client when a moderating step blocked the rest.",

@@ -63,8 +63,17 @@ class Observation:
         self.policy = admission.policy
         self.tenant = admission.tenant
 
-    def answered(self, result: GenerateResult) -> None:
-        self.outcome = "refused" if result.refusal else "ok"
+    def answered(self, *results: GenerateResult) -> None:
+        """The request's answers (one per choice): refused if any was."""
+        for result in results:
+            refusal = result.refusal
+            if refusal is not None:
+                metrics.child(metrics.REFUSALS, self.policy, refusal.step, refusal.stage).inc()
+                self.outcome = "refused"
+
+    def first_text(self) -> None:
+        """The first answer text went to a streaming client."""
+        metrics.child(metrics.TIME_TO_FIRST_TEXT, self.rpc, self.policy).observe(time.perf_counter() - self.started)
 
     def finish(self, exc: BaseException | None = None) -> None:
         if self.finished:

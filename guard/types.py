@@ -56,6 +56,8 @@ class GenerateInput:
     sampling: Sampling = field(default_factory=Sampling)
     metadata: dict[str, str] = field(default_factory=dict)
     include_trace: bool = False
+    # The caller's x-request-id or one guard made; sent to vLLM (its X-Request-Id) and in the answer.
+    request_id: str = ""
 
     @property
     def is_chat(self) -> bool:

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -159,11 +158,11 @@ async def _until_disconnected(request: Request, work):
 class _Reply:
     """What one generation request needs to render its answer in OpenAI's shapes."""
 
-    def __init__(self, chat: bool, admission: Admission, include_usage: bool) -> None:
+    def __init__(self, chat: bool, admission: Admission, include_usage: bool, request_id: str) -> None:
         self.chat = chat
         self.admission = admission
         self.include_usage = include_usage
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.created = int(time.time())
         self.model = POLICY_PREFIX + admission.policy
         self.object = "chat.completion" if chat else "text_completion"
@@ -319,6 +318,7 @@ class OpenAIDoor:
             observation.tenant = tenant
             body = _parse(await _read_body(request), model)
             generate_input = body.to_input()
+            generate_input.request_id = limits.request_id(request.headers.get("x-request-id"))
             served = self.service.store.list()
             # Every policy name, not only the tenant's: one it may not use is a 403, as through gRPC.
             policy_names = {loaded.policy.name for loaded in served}
@@ -332,8 +332,15 @@ class OpenAIDoor:
                 raise InvalidArgument(Invalid.N.format(field="n", policy=admission.policy, limit=max_n, value=body.n))
             inputs = _choices(generate_input, body.n)
             deadline = _deadline(request.headers.get("x-guard-timeout-seconds"))
-            reply = _Reply(model is ChatCompletionRequest, admission, bool(body.stream_options and body.stream_options.include_usage))
-            headers = {"x-guard-policy": admission.policy, "x-guard-policy-version": admission.loaded.version}
+            reply = _Reply(
+                model is ChatCompletionRequest, admission, bool(body.stream_options and body.stream_options.include_usage),
+                generate_input.request_id,
+            )
+            headers = {
+                "x-guard-policy": admission.policy,
+                "x-guard-policy-version": admission.loaded.version,
+                "x-request-id": generate_input.request_id,
+            }
             events = self._events(admission, inputs, deadline, incremental=bool(body.stream))
             if body.stream:
                 # The first event is awaited before answering, so that a failure before any text
@@ -346,7 +353,7 @@ class OpenAIDoor:
             if not isinstance(exc, Exception):
                 raise
             return error_response(exc)
-        observation.answered(results[0])
+        observation.answered(*results)
         observation.finish()
         return JSONResponse(reply.response(results), headers=headers)
 
@@ -389,6 +396,7 @@ class OpenAIDoor:
     async def _stream(self, reply: _Reply, first, events, observation: Observation) -> AsyncIterator[str]:
         results: dict[int, GenerateResult] = {}
         started: set[int] = set()
+        started_text = False
         async def from_first():
             yield first
             async for item in events:
@@ -399,6 +407,9 @@ class OpenAIDoor:
                 role = reply.chat and index not in started
                 started.add(index)
                 if isinstance(event, TextDelta):
+                    if not started_text:
+                        observation.first_text()
+                        started_text = True
                     yield reply.chunk(index, text=event.text, role=role)
                     continue
                 results[index] = event
@@ -408,7 +419,7 @@ class OpenAIDoor:
             if reply.include_usage:
                 yield reply.usage_chunk(ordered)
             yield "data: [DONE]\n\n"
-            observation.answered(ordered[0])
+            observation.answered(*ordered)
             observation.finish()
         except Exception as exc:  # noqa: BLE001 - the status line is sent: report it in the stream, as vLLM does
             observation.finish(exc)

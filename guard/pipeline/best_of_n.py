@@ -91,6 +91,7 @@ class BestOfN(Step[BestOfNStep]):
             stream=False,
             timeout=ctx.remaining(),
             continue_final_message=partial is not None,
+            request_id=ctx.request.request_id,
         )
 
     async def select(self, ctx: Context) -> Candidate | None:

@@ -135,7 +135,6 @@ class Pipeline:
                     yield TextDelta(piece)
             result.text = "".join(pieces)
         if ctx.refusal is not None:
-            metrics.REFUSALS.labels(policy=self.policy.name, step=ctx.refusal.step, stage=ctx.refusal.stage).inc()
             result.text = ctx.refusal.text
             result.finish_reason = "refused"
             result.refusal = ctx.refusal
@@ -151,6 +150,7 @@ class Pipeline:
             sampling=ctx.sampling.with_(n=1) if stream else ctx.sampling,
             stream=stream,
             timeout=ctx.remaining(),
+            request_id=ctx.request.request_id,
         )
 
     async def _streamed(self, ctx: Context, result: GenerateResult, *, incremental: bool) -> AsyncIterator[str]:

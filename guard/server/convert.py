@@ -50,7 +50,8 @@ def sampling_of(params: pb.SamplingParams) -> Sampling:
     )
 
 
-def generate_input(request: pb.GenerateRequest) -> GenerateInput:
+def generate_input(request: pb.GenerateRequest, request_id: str | None = None) -> GenerateInput:
+    """`request_id`: the call's x-request-id metadata (None: guard makes one)."""
     prompt, messages = input_of(request)
     metadata = limits.metadata(dict(request.metadata))
     return GenerateInput(
@@ -60,6 +61,7 @@ def generate_input(request: pb.GenerateRequest) -> GenerateInput:
         sampling=sampling_of(request.sampling),
         metadata=metadata,
         include_trace=request.include_trace,
+        request_id=limits.request_id(request_id),
     )
 
 

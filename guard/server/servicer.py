@@ -23,11 +23,19 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+def _caller(context: grpc.aio.ServicerContext) -> tuple[str | None, str | None]:
+    """(authorization, x-request-id) from the call's metadata."""
+    authorization = request_id = None
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
-            return value
-    return None
+            authorization = value
+        elif key == "x-request-id":
+            request_id = value
+    return authorization, request_id
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    return _caller(context)[0]
 
 
 class GuardServicer(guard_pb2_grpc.GuardServicer):
@@ -37,13 +45,14 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
     @unary_statuses
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         with self.service.observe("Generate", generates=True) as observation:
-            tenant = self.service.authenticate(_authorization(context))
-            generate_input = convert.generate_input(request)
+            authorization, request_id = _caller(context)
+            tenant = self.service.authenticate(authorization)
+            generate_input = convert.generate_input(request, request_id)
             admission = self.service.admit(tenant, generate_input.policy, trace=generate_input.include_trace)
             observation.admitted(admission)
             result = await self.service.run(admission, generate_input, deadline=_deadline(context), door="grpc")
             observation.answered(result)
-            response = pb.GenerateResponse(text=result.text)
+            response = pb.GenerateResponse(text=result.text, request_id=generate_input.request_id)
             convert.fill_result(response, result, admission)
             return response
 
@@ -52,18 +61,25 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         with self.service.observe("GenerateStream", generates=True) as observation:
-            tenant = self.service.authenticate(_authorization(context))
-            generate_input = convert.generate_input(request)
+            authorization, request_id = _caller(context)
+            tenant = self.service.authenticate(authorization)
+            generate_input = convert.generate_input(request, request_id)
             admission = self.service.admit(tenant, generate_input.policy, trace=generate_input.include_trace)
             observation.admitted(admission)
             events = self.service.stream(admission, generate_input, deadline=_deadline(context), door="grpc-stream")
+            first = True
             async for event in events:
                 if isinstance(event, TextDelta):
-                    yield pb.GenerateStreamResponse(text=event.text)
+                    if first:
+                        observation.first_text()
+                        yield pb.GenerateStreamResponse(text=event.text, request_id=generate_input.request_id)
+                        first = False
+                    else:
+                        yield pb.GenerateStreamResponse(text=event.text)
                     continue
                 observation.answered(event)
                 # A refusal (even mid-stream: what was sent stays sent) arrives as the final message's text.
-                final = pb.GenerateStreamResponse(text=event.text if event.refusal else "")
+                final = pb.GenerateStreamResponse(text=event.text if event.refusal else "", request_id=generate_input.request_id)
                 convert.fill_result(final, event, admission)
                 yield final
 

@@ -332,7 +332,12 @@ class UpstreamClient:
         return aiohttp.ClientTimeout(total=total, connect=min(self._connect_timeout, total))
 
     async def _post(
-        self, path: str, body: dict[str, Any], timeout: float | None, parse: Callable[[dict[str, Any], str], Completion]
+        self,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str] | None,
+        timeout: float | None,
+        parse: Callable[[dict[str, Any], str], Completion],
     ) -> Completion:
         """POST to the best endpoint and parse its JSON answer; failures of the endpoint are retried."""
         attempts = _Attempts(self, timeout)
@@ -342,7 +347,7 @@ class UpstreamClient:
             url = endpoint.url
             with _Attempt(self, endpoint, path) as attempt:
                 try:
-                    async with self._http.post(f"{url}{path}", data=payload, timeout=self._timeout(remaining)) as response:
+                    async with self._http.post(f"{url}{path}", data=payload, headers=headers, timeout=self._timeout(remaining)) as response:
                         raw = await response.read()
                     return parse(self._decode(response.status, response.headers, raw, url, path, body.get("model")), url)
                 except (aiohttp.ClientError, TimeoutError) as exc:
@@ -397,6 +402,7 @@ class UpstreamClient:
         stream: Literal[False],
         timeout: float | None = None,
         continue_final_message: bool = False,
+        request_id: str | None = None,
     ) -> Awaitable[Completion]: ...
 
     @overload
@@ -410,6 +416,7 @@ class UpstreamClient:
         stream: Literal[True],
         timeout: float | None = None,
         continue_final_message: bool = False,
+        request_id: str | None = None,
     ) -> AsyncIterator[StreamDelta]: ...
 
     def generate(
@@ -422,6 +429,7 @@ class UpstreamClient:
         stream: bool,
         timeout: float | None = None,
         continue_final_message: bool = False,
+        request_id: str | None = None,
     ) -> Awaitable[Completion] | AsyncIterator[StreamDelta]:
         """Generate from chat `messages` (/v1/chat/completions) or a raw `prompt` (/v1/completions).
 
@@ -430,6 +438,7 @@ class UpstreamClient:
         (`aclose()`) closes the HTTP request, and vLLM aborts the generation.
         `continue_final_message`: the last message is an unfinished assistant turn to extend
         (vLLM extension; a raw prompt is always continued).
+        `request_id` goes to vLLM as X-Request-Id (its logs and request id; it adds a suffix of its own).
         """
         if (prompt is None) == (messages is None):
             raise ValueError("generate() takes exactly one of prompt and messages")
@@ -448,18 +457,21 @@ class UpstreamClient:
             if sampling.logprobs is not None:
                 body["logprobs"] = sampling.logprobs
         path = "/v1/chat/completions" if chat else "/v1/completions"
+        headers = {"X-Request-Id": request_id} if request_id else None
         if not stream:
-            return self._generate_unary(path, body, timeout, chat=chat)
+            return self._generate_unary(path, body, headers, timeout, chat=chat)
         body["stream"] = True
         # Usage on every event (vLLM extension), so a stream closed early still knows its token counts.
         body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
-        return self._generate_stream(path, body, timeout, chat=chat)
+        return self._generate_stream(path, body, headers, timeout, chat=chat)
 
-    async def _generate_unary(self, path: str, body: dict[str, Any], timeout: float | None, *, chat: bool) -> Completion:
-        return await self._post(path, body, timeout, lambda payload, url: _parse_completion(payload, url, chat=chat))
+    async def _generate_unary(
+        self, path: str, body: dict[str, Any], headers: dict[str, str] | None, timeout: float | None, *, chat: bool
+    ) -> Completion:
+        return await self._post(path, body, headers, timeout, lambda payload, url: _parse_completion(payload, url, chat=chat))
 
     async def _generate_stream(
-        self, path: str, body: dict[str, Any], timeout: float | None, *, chat: bool
+        self, path: str, body: dict[str, Any], headers: dict[str, str] | None, timeout: float | None, *, chat: bool
     ) -> AsyncIterator[StreamDelta]:
         """Server-sent events as deltas.
 
@@ -473,7 +485,7 @@ class UpstreamClient:
             texted = False
             with _Attempt(self, endpoint, path) as attempt:
                 try:
-                    events = self._events(attempt, path, payload, body.get("model"), remaining, chat=chat)
+                    events = self._events(attempt, path, payload, headers, body.get("model"), remaining, chat=chat)
                     async with contextlib.aclosing(events) as deltas:
                         async for delta in deltas:
                             texted = texted or bool(delta.text)
@@ -486,12 +498,20 @@ class UpstreamClient:
             attempts.last_error = error
 
     async def _events(
-        self, attempt: _Attempt, path: str, payload: bytes, model: str | None, remaining: float | None, *, chat: bool
+        self,
+        attempt: _Attempt,
+        path: str,
+        payload: bytes,
+        headers: dict[str, str] | None,
+        model: str | None,
+        remaining: float | None,
+        *,
+        chat: bool,
     ) -> AsyncIterator[StreamDelta]:
         """One endpoint's stream; every failure is an UpstreamError. The deadline bounds the whole stream."""
         url = attempt.endpoint.url
         try:
-            response = await self._http.post(f"{url}{path}", data=payload, timeout=self._timeout(remaining))
+            response = await self._http.post(f"{url}{path}", data=payload, headers=headers, timeout=self._timeout(remaining))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_error(exc, url) from exc
         try:

@@ -31,9 +31,11 @@ class ScriptedUpstream:
         self.aborted = False  # closed (aclose) before the last chunk
         self.finished = False
 
-    def generate(self, model, *, prompt=None, messages=None, sampling, stream, timeout=None, continue_final_message=False):
+    def generate(
+        self, model, *, prompt=None, messages=None, sampling, stream, timeout=None, continue_final_message=False, request_id=None
+    ):
         assert (prompt is None) != (messages is None)
-        self.calls.append(dict(prompt=prompt, messages=messages, sampling=sampling, stream=stream, timeout=timeout))
+        self.calls.append(dict(prompt=prompt, messages=messages, sampling=sampling, stream=stream, timeout=timeout, request_id=request_id))
         return self._stream() if stream else self._unary(sampling)
 
     async def _stream(self) -> AsyncIterator[StreamDelta]:
@@ -110,9 +112,6 @@ def words_chunks(text: str, size: int) -> list[str]:
 async def test_a_phrase_split_across_chunks_is_caught_and_the_upstream_is_closed():
     chunks = ["Sure. The password you asked for is hun", "ter2, and here", " is a long tail", " that never comes"] * 3
     upstream = ScriptedUpstream(chunks)
-    refusals_before = metrics.REGISTRY.get_sample_value(
-        "guard_refusals_total", {"policy": "split", "step": "output_filter", "stage": "output"}
-    ) or 0.0
     exposed_count, exposed_sum = sample("guard_stream_exposed_chars_count", "split"), sample("guard_stream_exposed_chars_sum", "split")
 
     pieces, final = await collect(pipeline(output_filter(holdback=16, every=8), upstream, name="split"))
@@ -127,9 +126,6 @@ async def test_a_phrase_split_across_chunks_is_caught_and_the_upstream_is_closed
     assert final.usage.completion_tokens == upstream.sent  # usage as far as vLLM got
     assert sample("guard_stream_exposed_chars_count", "split") == exposed_count + 1
     assert sample("guard_stream_exposed_chars_sum", "split") == exposed_sum + len(released)
-    assert metrics.REGISTRY.get_sample_value(
-        "guard_refusals_total", {"policy": "split", "step": "output_filter", "stage": "output"}
-    ) == refusals_before + 1
     [checks] = [entry for entry in final.trace if entry.type == "output_filter"]
     assert checks.phase == "after" and checks.detail["checks"] >= 2
 

@@ -45,6 +45,7 @@ class FaultUpstream:
         self.mode = mode
         self.hang_seconds = hang_seconds
         self.requests: list[str] = []
+        self.request_ids: list[str | None] = []  # each request's X-Request-Id header
         self.disconnects = threading.Event()
         self.health_status = 200
         self.status, self.body, self.headers = 503, b'{"error": {"message": "overloaded"}}', {}
@@ -79,6 +80,7 @@ class FaultUpstream:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 streamed = bool(json.loads(body or b"{}").get("stream"))
                 owner.requests.append(self.path)
+                owner.request_ids.append(self.headers.get("X-Request-Id"))
                 mode = owner.mode
                 if mode == "hang":
                     # Hold the request open; notice when the client gives up.
