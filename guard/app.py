@@ -217,7 +217,7 @@ async def serve(settings: Settings) -> None:
 
     torch.set_num_threads(settings.torch_threads)
     async with workers.upstreams(settings) as (urls, model):
-        upstream = UpstreamClient(urls)
+        upstream = UpstreamClient(urls, observer=metrics.UpstreamMetrics())
         model = await _resolve_model(upstream, model)
         app = GuardApp(settings, upstream, model)
         try:

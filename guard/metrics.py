@@ -103,7 +103,7 @@ UPSTREAM_REQUEST_SECONDS = Histogram(
 )
 UPSTREAM_ERRORS = Counter(
     "guard_upstream_errors_total",
-    "Upstream failures by endpoint and kind (connect, http_4xx, http_5xx, invalid_response, stream_broken).",
+    "Failed upstream attempts by endpoint and kind (connect, timeout, http_4xx, http_5xx, invalid_response, stream_broken).",
     ["endpoint", "kind"],
     registry=REGISTRY,
 )
@@ -193,3 +193,22 @@ class RerankMetrics:
 
     def chosen(self, policy: str, score: float) -> None:
         RERANK_CHOSEN_SCORE.labels(policy=policy).observe(score)
+
+
+class UpstreamMetrics:
+    """The upstream client's observer (guard.upstream.client.UpstreamObserver), recording guard_upstream_*."""
+
+    def requested(self, endpoint: str, path: str, seconds: float) -> None:
+        child(UPSTREAM_REQUEST_SECONDS, endpoint, path).observe(seconds)
+
+    def failed(self, endpoint: str, kind: str) -> None:
+        child(UPSTREAM_ERRORS, endpoint, kind).inc()
+
+    def retried(self, outcome: str) -> None:
+        child(UPSTREAM_RETRIES, outcome).inc()
+
+    def ejected(self, endpoint: str) -> None:
+        child(UPSTREAM_EJECTIONS, endpoint).inc()
+
+    def usable(self, endpoint: str, usable: bool) -> None:
+        child(UPSTREAM_HEALTHY, endpoint).set(1 if usable else 0)

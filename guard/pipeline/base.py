@@ -90,7 +90,7 @@ class StepDeps:
         if client is None:
             from guard.upstream.client import UpstreamClient
 
-            client = self.other_upstreams[url] = UpstreamClient([url])
+            client = self.other_upstreams[url] = UpstreamClient([url], observer=self.upstream.observer)
         return client
 
 

@@ -24,12 +24,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal, overload
+from typing import Any, Literal, Protocol, overload
 
 import aiohttp
 import orjson
 
-from guard import metrics
 from guard.errors import ResourceExhausted
 from guard.types import Choice, Completion, Message, Sampling, StreamDelta
 from guard.upstream.resilience import Breaker, RetryBudget
@@ -40,25 +39,91 @@ log = logging.getLogger(__name__)
 class UpstreamError(Exception):
     """The upstream answered, but not with a usable response."""
 
+    kind = "error"  # what UpstreamObserver.failed reports
+
 
 class UpstreamUnavailable(UpstreamError):
     """No upstream endpoint could be reached."""
+
+    kind = "connect"
 
 
 class UpstreamTimeout(UpstreamError):
     """The request's deadline passed while waiting for the upstream."""
 
+    kind = "timeout"
+
 
 class UpstreamRejected(UpstreamError):
     """The upstream refused the request itself (HTTP 4xx), e.g. a prompt longer than the model's context."""
+
+    kind = "http_4xx"
 
 
 class UpstreamMisconfigured(UpstreamError):
     """The upstream refused guard's own setup (its credentials, its model name): the operator must act, not the client."""
 
+    kind = "http_4xx"
+
 
 class UpstreamRateLimited(UpstreamError, ResourceExhausted):
     """The upstream answered HTTP 429; `retry_after` seconds is its hint (1 s when it gave none)."""
+
+    kind = "http_4xx"
+
+
+class UpstreamServerError(UpstreamError):
+    """The upstream answered HTTP 5xx."""
+
+    kind = "http_5xx"
+
+
+class UpstreamInvalidResponse(UpstreamError):
+    """The upstream's answer is not what vLLM sends: not JSON, no choices, an unknown finish reason."""
+
+    kind = "invalid_response"
+
+
+class UpstreamStreamBroken(UpstreamError):
+    """The upstream's stream broke off: the connection dropped, or it ended without [DONE]."""
+
+    kind = "stream_broken"
+
+
+class UpstreamObserver(Protocol):
+    """Where the client reports what metrics need; guard.metrics.UpstreamMetrics records them."""
+
+    def requested(self, endpoint: str, path: str, seconds: float) -> None:
+        """One attempt on `endpoint` ended after `seconds` (a stream: when it ended or was closed)."""
+
+    def failed(self, endpoint: str, kind: str) -> None:
+        """One attempt failed; `kind` is the UpstreamError's."""
+
+    def retried(self, outcome: str) -> None:
+        """A retry was made ("retried") or refused by the retry budget ("budget_exhausted")."""
+
+    def ejected(self, endpoint: str) -> None:
+        """The endpoint was ejected after consecutive failures."""
+
+    def usable(self, endpoint: str, usable: bool) -> None:
+        """Whether requests go to the endpoint now (healthy and not ejected)."""
+
+
+class NullUpstreamObserver:
+    def requested(self, endpoint: str, path: str, seconds: float) -> None:
+        pass
+
+    def failed(self, endpoint: str, kind: str) -> None:
+        pass
+
+    def retried(self, outcome: str) -> None:
+        pass
+
+    def ejected(self, endpoint: str) -> None:
+        pass
+
+    def usable(self, endpoint: str, usable: bool) -> None:
+        pass
 
 
 # Failures of the request or of the caller's deadline, not of the endpoint: another try cannot help.
@@ -97,9 +162,9 @@ class _Attempts:
             if remaining is not None and delay >= remaining:
                 raise self.failure()
             if not client._budget.try_retry():
-                metrics.UPSTREAM_RETRIES.labels(outcome="budget_exhausted").inc()
+                client.observer.retried("budget_exhausted")
                 raise self.failure("retry budget exhausted")
-            metrics.UPSTREAM_RETRIES.labels(outcome="retried").inc()
+            client.observer.retried("retried")
             if delay:
                 await asyncio.sleep(delay)
                 endpoint = client._pick(set(self.tried))
@@ -145,6 +210,7 @@ class _Attempt:
 
     def judge(self, error: UpstreamError) -> UpstreamError:
         self._judged = True
+        self._client.observer.failed(self.endpoint.url, error.kind)
         if isinstance(error, (UpstreamRejected, UpstreamMisconfigured)):
             self._client._succeeded(self.endpoint)  # it answered: alive, whatever it thought of the request
         elif isinstance(error, UpstreamRateLimited) or (isinstance(error, UpstreamTimeout) and self.received):
@@ -155,9 +221,7 @@ class _Attempt:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.endpoint.in_flight -= 1
-        metrics.child(metrics.UPSTREAM_REQUEST_SECONDS, self.endpoint.url, self._path).observe(
-            time.perf_counter() - self._started
-        )
+        self._client.observer.requested(self.endpoint.url, self._path, time.perf_counter() - self._started)
         if self._judged:
             return
         if exc is None or self.received:
@@ -199,6 +263,7 @@ class UpstreamClient:
         retry_budget: RetryBudget | None = None,
         max_attempts: int = 3,
         retry_backoff: tuple[float, float] = (0.05, 1.0),
+        observer: UpstreamObserver | None = None,
     ) -> None:
         """`breaker` makes each endpoint's Breaker; `max_attempts` counts the first try; a retry
         on an endpoint already tried waits a random time up to base·2^(retry-1), capped
@@ -206,6 +271,7 @@ class UpstreamClient:
         if not urls:
             raise ValueError("at least one upstream URL is required")
         self.endpoints = [Endpoint(url.rstrip("/"), breaker()) for url in urls]
+        self.observer: UpstreamObserver = observer or NullUpstreamObserver()
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -305,21 +371,17 @@ class UpstreamClient:
     def _failed(self, endpoint: Endpoint, error: UpstreamError, *, trial: bool = False) -> None:
         # `healthy` stays the /health probe's verdict (what readiness reports); one dropped connection
         # must not flip guard to NOT_SERVING. The breaker decides whether requests go there.
-        if isinstance(error, UpstreamUnavailable):
-            metrics.UPSTREAM_ERRORS.labels(endpoint=endpoint.url, kind="connect").inc()
         if endpoint.breaker.failed(trial):
             self._ejected(endpoint, f"{endpoint.breaker.failures} consecutive failures, the last: {error}")
         self._publish(endpoint)
 
     def _ejected(self, endpoint: Endpoint, why: str) -> None:
         log.warning("upstream %s ejected for %.1f s after %s", endpoint.url, endpoint.breaker.ejection_seconds, why)
-        metrics.UPSTREAM_EJECTIONS.labels(endpoint=endpoint.url).inc()
+        self.observer.ejected(endpoint.url)
 
-    @staticmethod
-    def _publish(endpoint: Endpoint) -> None:
-        # guard_upstream_healthy: 0 while ejected or awaiting its trial, too (guard sends it nothing then).
-        usable = endpoint.healthy and endpoint.breaker.ejected_until is None
-        metrics.UPSTREAM_HEALTHY.labels(endpoint=endpoint.url).set(1 if usable else 0)
+    def _publish(self, endpoint: Endpoint) -> None:
+        # Not usable while ejected or awaiting its trial, too (guard sends it nothing then).
+        self.observer.usable(endpoint.url, endpoint.healthy and endpoint.breaker.ejected_until is None)
 
     # -- requests ------------------------------------------------------------
 
@@ -366,7 +428,6 @@ class UpstreamClient:
         status: int, headers: Mapping[str, str], raw: bytes, url: str, path: str, model: str | None = None
     ) -> dict[str, Any]:
         if status != 200:
-            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind=f"http_{status // 100}xx").inc()
             reason = f"HTTP {status}: {_error_message(raw)}"
             if status in (401, 403):
                 raise UpstreamMisconfigured(
@@ -380,15 +441,13 @@ class UpstreamClient:
                 raise UpstreamRateLimited(f"upstream {url} is rate limiting ({reason}); retry after {wait:g} s", retry_after=wait)
             if 400 <= status < 500:
                 raise UpstreamRejected(f"upstream {url} returned {reason}")
-            raise UpstreamError(f"upstream {url} returned {reason}")
+            raise UpstreamServerError(f"upstream {url} returned {reason}")
         try:
             payload = orjson.loads(raw)
         except ValueError as exc:
-            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-            raise UpstreamError(f"upstream {url} returned a body that is not JSON: {raw[:200]!r}") from exc
+            raise UpstreamInvalidResponse(f"upstream {url} returned a body that is not JSON: {raw[:200]!r}") from exc
         if not isinstance(payload, dict):
-            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-            raise UpstreamError(f"upstream {url} returned JSON that is not an object")
+            raise UpstreamInvalidResponse(f"upstream {url} returned JSON that is not an object")
         return payload
 
     @overload
@@ -524,8 +583,7 @@ class UpstreamClient:
         except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream {url} did not finish before the deadline") from exc
         except aiohttp.ClientError as exc:
-            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="stream_broken").inc()
-            raise UpstreamError(f"upstream {url} dropped the stream: {str(exc) or repr(exc)}") from exc
+            raise UpstreamStreamBroken(f"upstream {url} dropped the stream: {str(exc) or repr(exc)}") from exc
         finally:
             # Read to its end, the connection goes back to the pool; closed mid-stream (client cancelled,
             # or a filter blocked), it is dropped, and vLLM aborts the request.
@@ -591,8 +649,7 @@ FINISH_REASONS = frozenset({"stop", "length", "abort", "tool_calls", "content_fi
 def _finish_reason(value: Any, url: str) -> str | None:
     if value is None or value in FINISH_REASONS:
         return value
-    metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-    raise UpstreamError(f"upstream {url} gave an unknown finish_reason {str(value)[:40]!r}")
+    raise UpstreamInvalidResponse(f"upstream {url} gave an unknown finish_reason {str(value)[:40]!r}")
 
 
 def _parse_completion(payload: dict[str, Any], url: str, *, chat: bool) -> Completion:
@@ -629,8 +686,7 @@ def _parse_completion(payload: dict[str, Any], url: str, *, chat: bool) -> Compl
             )
         if not choices:
             # The pipeline needs a candidate to choose from; an empty answer would be one, this is not.
-            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-            raise UpstreamError(f"upstream {url} returned a completion with no choices")
+            raise UpstreamInvalidResponse(f"upstream {url} returned a completion with no choices")
         usage = payload.get("usage") or {}
         choices.sort(key=lambda c: c.index)
         return Completion(
@@ -641,8 +697,7 @@ def _parse_completion(payload: dict[str, Any], url: str, *, chat: bool) -> Compl
             upstream_url=url,
         )
     except (KeyError, TypeError, ValueError) as exc:
-        metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-        raise UpstreamError(f"upstream {url} returned an unexpected completion shape: {exc!r}") from exc
+        raise UpstreamInvalidResponse(f"upstream {url} returned an unexpected completion shape: {exc!r}") from exc
 
 
 # A longer event line than this is not vLLM's: refuse it rather than buffer without bound.
@@ -658,16 +713,14 @@ async def _parse_sse(response: aiohttp.ClientResponse, url: str, *, chat: bool) 
     """
     content_type = response.headers.get("content-type", "")
     if not content_type.startswith("text/event-stream"):
-        metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-        raise UpstreamError(f"upstream {url} answered a stream request with {content_type or 'no content type'}, not events")
+        raise UpstreamInvalidResponse(f"upstream {url} answered a stream request with {content_type or 'no content type'}, not events")
     state = _EventState(url, chat)
     partial = b""
     async for chunk in response.content.iter_any():
         lines = (partial + chunk).split(b"\n") if partial else chunk.split(b"\n")
         partial = lines.pop()  # b"" when the read ended on a line break
         if len(partial) > MAX_EVENT_BYTES:
-            metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-            raise UpstreamError(f"upstream {url} sent an event longer than {MAX_EVENT_BYTES} bytes")
+            raise UpstreamInvalidResponse(f"upstream {url} sent an event longer than {MAX_EVENT_BYTES} bytes")
         for delta in state.read(lines):
             yield delta
     for delta in state.read([partial]):
@@ -675,8 +728,7 @@ async def _parse_sse(response: aiohttp.ClientResponse, url: str, *, chat: bool) 
     if state.done:
         return
     # vLLM ends every stream with [DONE]; without it the answer may be cut short.
-    metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="stream_broken").inc()
-    raise UpstreamError(f"upstream {url} ended the stream without [DONE]")
+    raise UpstreamStreamBroken(f"upstream {url} ended the stream without [DONE]")
 
 
 class _EventState:
@@ -698,15 +750,13 @@ class _EventState:
             data = line[5:].strip()
             if data == b"[DONE]":
                 if not self.chosen:
-                    metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-                    raise UpstreamError(f"upstream {url} ended the stream without any choice")
+                    raise UpstreamInvalidResponse(f"upstream {url} ended the stream without any choice")
                 self.done = True
                 continue
             try:
                 event = orjson.loads(data)
             except ValueError as exc:
-                metrics.UPSTREAM_ERRORS.labels(endpoint=url, kind="invalid_response").inc()
-                raise UpstreamError(f"upstream {url} sent an event that is not JSON: {data[:200]!r}") from exc
+                raise UpstreamInvalidResponse(f"upstream {url} sent an event that is not JSON: {data[:200]!r}") from exc
             usage = event.get("usage") or usage
             for raw in event.get("choices") or []:
                 self.chosen = True

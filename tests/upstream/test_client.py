@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from guard.errors import status_for
-from guard.metrics import REGISTRY
+from guard.metrics import REGISTRY, UpstreamMetrics
 from guard.types import Message, Sampling
 from guard.upstream.client import (
     UpstreamClient,
@@ -39,7 +39,7 @@ async def client_for(request):
     clients: list[UpstreamClient] = []
 
     def make(*urls: str, **kwargs) -> UpstreamClient:
-        client = UpstreamClient(list(urls), **kwargs)
+        client = UpstreamClient(list(urls), observer=UpstreamMetrics(), **kwargs)
         clients.append(client)
         return client
 
@@ -371,3 +371,13 @@ async def test_streams_reuse_the_upstream_connection():
     finally:
         await client.close()
         server.close()
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("error500", "http_5xx"), ("garbage", "invalid_response"), ("stream_truncated", "stream_broken")])
+async def test_each_failed_attempt_is_reported_once_with_its_kind(client_for, mode, kind):
+    with FaultUpstream(mode) as fault:
+        client = client_for(fault.url, max_attempts=1)
+        before = REGISTRY.get_sample_value("guard_upstream_errors_total", {"endpoint": fault.url, "kind": kind}) or 0.0
+        with pytest.raises(UpstreamError):
+            await generate(client, stream=mode.startswith("stream"))
+        assert REGISTRY.get_sample_value("guard_upstream_errors_total", {"endpoint": fault.url, "kind": kind}) == before + 1

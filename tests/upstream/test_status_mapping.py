@@ -14,9 +14,11 @@ from guard.types import Sampling
 from guard.upstream.client import (
     UpstreamClient,
     UpstreamError,
+    UpstreamInvalidResponse,
     UpstreamMisconfigured,
     UpstreamRateLimited,
     UpstreamRejected,
+    UpstreamServerError,
     _retry_after,
 )
 from tests.support.fault_upstream import FaultUpstream
@@ -54,8 +56,8 @@ def error(message: str) -> bytes:
         (404, error("The model `m` does not exist."), UpstreamMisconfigured, grpc.StatusCode.UNAVAILABLE,
          "does not serve model 'm'"),
         (429, error("slow down"), UpstreamRateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down"),
-        (500, error("engine dead"), UpstreamError, grpc.StatusCode.UNAVAILABLE, "HTTP 500: engine dead"),
-        (503, error("overloaded"), UpstreamError, grpc.StatusCode.UNAVAILABLE, "HTTP 503: overloaded"),
+        (500, error("engine dead"), UpstreamServerError, grpc.StatusCode.UNAVAILABLE, "HTTP 500: engine dead"),
+        (503, error("overloaded"), UpstreamServerError, grpc.StatusCode.UNAVAILABLE, "HTTP 503: overloaded"),
     ],
 )
 async def test_each_upstream_status_maps_to_a_client_facing_status(fault, client, stream, status, body, raised, code, says):
@@ -91,7 +93,7 @@ async def test_a_completion_without_choices_is_unavailable_not_an_empty_answer(f
     fault.mode = "empty_choices"
     with pytest.raises(UpstreamError) as caught:
         await generate(client, stream)
-    assert type(caught.value) is UpstreamError
+    assert type(caught.value) is UpstreamInvalidResponse
     mapped, message = status_for(caught.value)
     assert mapped == grpc.StatusCode.UNAVAILABLE
     assert "no choices" in message or "without any choice" in message
