@@ -153,7 +153,7 @@ def test_a_killed_worker_is_restarted_and_serving_resumes(guard):
 
 
 def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(tmp_path):
-    with FaultUpstream("slow_ok", hang_seconds=2.0) as slow:
+    with FaultUpstream("slow_ok", hang_seconds=4.0) as slow:  # within the 5 s grace
         guard = start_workers(tmp_path, slow.url, model="fault-model")
         try:
             serving = wait_log(guard, r"guard serving with 2 workers \(metrics merged from (\S+)\)")[0]
