@@ -47,15 +47,17 @@ def _serve(args: argparse.Namespace) -> int:
     who = f" [worker {index} pid %(process)d]" if index is not None else ""
     logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s")
     # One line per upstream HTTP call drowns guard's own request log.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         if settings.workers < 1:
             raise RuntimeError(f"--workers must be 1 or more, not {settings.workers}")
         if settings.workers > 1:
             return workers.supervise(settings)
+        import uvloop
+
         from guard.app import serve
 
-        asyncio.run(serve(settings))
+        # uvloop: a fifth less CPU per request than asyncio's own loop (benchmarks/proxy_cost.py).
+        uvloop.run(serve(settings))
     except RuntimeError as exc:  # a startup failure guard explains itself (a port in use, no model, ...)
         logging.getLogger("guard").error("cannot start: %s", exc)
         return 1
