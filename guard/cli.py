@@ -46,7 +46,6 @@ def _serve(args: argparse.Namespace) -> int:
     index = workers.worker_index()
     who = f" [worker {index} pid %(process)d]" if index is not None else ""
     logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s")
-    # One line per upstream HTTP call drowns guard's own request log.
     try:
         if settings.workers < 1:
             raise RuntimeError(f"--workers must be 1 or more, not {settings.workers}")
