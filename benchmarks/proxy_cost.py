@@ -179,7 +179,7 @@ def _callers(target_port: int, http_port: int | None, max_tokens: int):
     return callers, close
 
 
-async def measure(pid: int, call, requests: int, concurrency: int, profile_to: Path | None = None) -> dict:
+async def measure(pid: int, call, requests: int, concurrency: int, profile_to: Path | None = None, native: bool = False) -> dict:
     """Warm up, then time `requests` calls; with `profile_to`, py-spy samples the proxy while they run."""
     proxy = psutil.Process(pid)
     me = psutil.Process()
@@ -188,7 +188,7 @@ async def measure(pid: int, call, requests: int, concurrency: int, profile_to: P
     if profile_to is not None:
         # Only the thread holding the GIL, idle excluded: guard's Python work. Ctrl-C makes py-spy write.
         sampler = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--gil", "--format", "raw", "-o", str(profile_to)],
+            ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--gil", "--format", "raw", "-o", str(profile_to), *(["--native"] if native else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         await asyncio.sleep(1.0)
@@ -266,7 +266,7 @@ async def run(args) -> dict:
             subjects += [("guard", guard_process.pid, door, call) for door, call in guard_calls.items() if door in args.doors]
             for proxy, proxy_pid, door, call in subjects:
                 profile_to = workdir / f"profile-{door}-c{concurrency}.txt" if args.profile and proxy == "guard" else None
-                row = {"proxy": proxy, "door": door, **await measure(proxy_pid, call, args.requests, concurrency, profile_to)}
+                row = {"proxy": proxy, "door": door, **await measure(proxy_pid, call, args.requests, concurrency, profile_to, args.native)}
                 if profile_to is not None:
                     profiles.append((f"guard {door} c={concurrency}", profile_to))
                 rows.append(row)
@@ -316,7 +316,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--tokens", type=int, default=16, help="tokens in each canned answer (stream events)")
     parser.add_argument("--doors", nargs="+", default=["grpc", "grpc-stream", "http"])
-    parser.add_argument("--profile", action="store_true", help="run guard under py-spy and summarize where its time goes")
+    parser.add_argument("--profile", action="store_true", help="sample guard with py-spy and summarize where its time goes")
+    parser.add_argument("--native", action="store_true", help="with --profile: C frames too (grpc's core, aiohttp's parser)")
     parser.add_argument("--guard-args", nargs=argparse.REMAINDER, default=[], help="extra `guard serve` flags (last)")
     parser.add_argument("--smoke", action="store_true", help="seconds: 100 requests at concurrency 1, what CI runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "proxy_cost.json")
