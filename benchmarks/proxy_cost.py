@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import itertools
 import platform
 import signal
 import statistics
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -78,6 +80,10 @@ def start_guard(upstream: str, workdir: Path, *, extra: list[str] = ()) -> tuple
     process = subprocess.Popen(command, cwd=ROOT, stdout=(workdir / "guard.log").open("wb"), stderr=subprocess.STDOUT)
     _wait_port(grpc_port, 120)
     _wait_port(http_port, 30)
+    if "--workers" in extra:
+        # The ports answer once the first worker binds: give the others time to join, or the
+        # benchmark's connections all land on the first.
+        time.sleep(10)
     return process, grpc_port, http_port
 
 
@@ -142,19 +148,21 @@ async def _drive(call, requests: int, concurrency: int) -> list[float]:
     return latencies
 
 
-def _callers(target_port: int, http_port: int | None, max_tokens: int):
-    """{door: (async call factory, closer)} over one channel / session each."""
+def _callers(target_port: int, http_port: int | None, max_tokens: int, channels: int = 8):
+    """{door: async call}, and a closer. gRPC calls take turns over `channels` connections (each its own,
+    not shared by grpc's default subchannel pool), so `guard serve --workers N` gets load on every worker."""
     import aiohttp
 
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{target_port}")
-    stub = guard_pb2_grpc.GuardStub(channel)
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    opened = [grpc.aio.insecure_channel(f"127.0.0.1:{target_port}", options=options) for _ in range(channels)]
+    stubs = itertools.cycle([guard_pb2_grpc.GuardStub(channel) for channel in opened])
     request = _request(max_tokens)
 
     async def unary() -> None:
-        await stub.Generate(request, timeout=30)
+        await next(stubs).Generate(request, timeout=30)
 
     async def stream() -> None:
-        async for _ in stub.GenerateStream(request, timeout=30):
+        async for _ in next(stubs).GenerateStream(request, timeout=30):
             pass
 
     callers = {"grpc": unary, "grpc-stream": stream}
@@ -172,7 +180,8 @@ def _callers(target_port: int, http_port: int | None, max_tokens: int):
         callers["http"] = http
 
     async def close() -> None:
-        await channel.close()
+        for channel in opened:
+            await channel.close()
         if session is not None:
             await session.close()
 
@@ -181,7 +190,9 @@ def _callers(target_port: int, http_port: int | None, max_tokens: int):
 
 async def measure(pid: int, call, requests: int, concurrency: int, profile_to: Path | None = None, native: bool = False) -> dict:
     """Warm up, then time `requests` calls; with `profile_to`, py-spy samples the proxy while they run."""
-    proxy = psutil.Process(pid)
+    # The proxy and its children: `guard serve --workers N` is a supervisor and N workers.
+    root = psutil.Process(pid)
+    proxy = _Tree([root, *root.children(recursive=True)])
     me = psutil.Process()
     await _drive(call, max(20, requests // 10), concurrency)  # warm: connections, code paths
     sampler = None
@@ -213,6 +224,17 @@ async def measure(pid: int, call, requests: int, concurrency: int, profile_to: P
         "p50_ms": statistics.median(latencies) * 1e3,
         "p99_ms": percentile(latencies, 0.99) * 1e3,
     }
+
+
+class _Tree:
+    """cpu_times() summed over processes (user and system)."""
+
+    def __init__(self, processes: list[psutil.Process]) -> None:
+        self.processes = processes
+
+    def cpu_times(self):
+        times = [p.cpu_times() for p in self.processes]
+        return types.SimpleNamespace(user=sum(t.user for t in times), system=sum(t.system for t in times))
 
 
 # -- where the time goes ------------------------------------------------------------------------
