@@ -4,16 +4,19 @@
 
 Serves GET /health, GET /v1/models, POST /v1/chat/completions and /v1/completions (unary, and
 SSE when the body asks to stream: one event per token, usage on each, then [DONE]) with a canned
-answer of `--tokens` tokens. HTTP/1.1 keep-alive on uvloop with httptools' parser (both ship with
-uvicorn), so it costs a few tens of microseconds per request and is not what a benchmark measures.
-It reads `"stream": true` and `"n"` from the body by substring, not by parsing JSON: it is a
-benchmark fixture, not a server.
+answer of `--tokens` tokens, or of `max_tokens` when the body asks for fewer (so chunked
+generation, as speculative rejection does it, sees chunks of the length it asked for).
+HTTP/1.1 keep-alive on uvloop with httptools' parser (both ship with uvicorn), so it costs a few
+tens of microseconds per request and is not what a benchmark measures. It reads `"stream": true`,
+`"n"` and `"max_tokens"` from the body by substring, not by parsing JSON: it is a benchmark
+fixture, not a server.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import re
 
@@ -21,6 +24,7 @@ import httptools
 
 MODEL = "instant"
 _N = re.compile(rb'"n":\s*(\d+)')
+_MAX_TOKENS = re.compile(rb'"max_tokens":\s*(\d+)')
 
 
 def _answers(tokens: int) -> dict[tuple[bool, bool, int], bytes]:
@@ -67,8 +71,9 @@ def _chunked(body: bytes) -> bytes:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, answers: dict) -> None:
-        self.answers = answers
+    def __init__(self, answers, tokens: int) -> None:
+        self.answers = answers  # token count -> _answers(token count)
+        self.tokens = tokens
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.body: list[bytes] = []
@@ -95,7 +100,9 @@ class _Connection(asyncio.Protocol):
             match = _N.search(body)
             n = int(match.group(1)) if match else 1
             stream = b'"stream": true' in body or b'"stream":true' in body
-            answer = self.answers.get((url.startswith(b"/v1/chat"), stream, n))
+            match = _MAX_TOKENS.search(body)
+            tokens = max(1, min(self.tokens, int(match.group(1)))) if match else self.tokens
+            answer = self.answers(tokens).get((url.startswith(b"/v1/chat"), stream, n))
             if answer is None:
                 answer = _http(b'{"error": {"message": "n not canned"}}', b"application/json").replace(b"200 OK", b"400 Bad Request")
         elif url.startswith(b"/v1/models"):
@@ -108,8 +115,10 @@ class _Connection(asyncio.Protocol):
 
 
 async def serve(port: int, tokens: int, host: str = "127.0.0.1") -> None:
-    answers = _answers(tokens)
-    server = await asyncio.get_running_loop().create_server(lambda: _Connection(answers), host, port, backlog=1024)
+    # Built on first use per length: a shorter max_tokens is rare, and --tokens is built at once.
+    answers = functools.lru_cache(maxsize=None)(_answers)
+    answers(tokens)
+    server = await asyncio.get_running_loop().create_server(lambda: _Connection(answers, tokens), host, port, backlog=1024)
     async with server:
         await server.serve_forever()
 
