@@ -1,8 +1,9 @@
 """Cross-request batching for sources that compute locally.
 
-Concurrent requests queue; a drain task waits until the oldest has waited
-`max_wait` (or the queue holds `max_batch_tokens`), then scores the queued
-requests in one call on the worker thread. Results go back to each request's
+Concurrent requests queue; a drain task scores the queued requests in one call
+on the worker thread as soon as it is free, so requests that arrive during a
+pass share the next one. With `max_wait` > 0 it first lingers until the oldest
+has waited that long (or the queue holds `max_batch_tokens`). Results go back to each request's
 future. If a pooled call fails, its requests are re-run one by one, so only the
 request that caused the failure sees it.
 """
