@@ -324,6 +324,17 @@ async def run(args) -> dict:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "guard_args": args.guard_args,
         "rows": rows,
+        "headlines": [
+            headline
+            for row in rows
+            if row["proxy"] == "guard" and row["concurrency"] == max(args.concurrency)
+            for headline in (
+                {"name": f"guard CPU per passthrough request, {row['door']}, c={row['concurrency']}",
+                 "value": round(row["cpu_ms_per_request"], 3), "unit": "ms"},
+                {"name": f"the same ÷ the minimal proxy's, {row['door']}, c={row['concurrency']}",
+                 "value": round(row["cpu_ratio_to_minimal_proxy"], 2), "unit": "×"},
+            )
+        ],
     }
 
 
