@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import RESULTS, SUITE, render  # noqa: E402
+from benchmarks.report import RESULTS, SUITE, render, update_readme  # noqa: E402
 
 LOG_TAIL_LINES = 30
 
@@ -85,6 +85,8 @@ def main() -> int:
         suite["benchmarks"].append(run_one(name, out, args.smoke, timeout))
         (out / "suite.json").write_text(json.dumps(suite, indent=1) + "\n")  # after each: a crash keeps what ran
     report = render(out)
+    if out.resolve() == RESULTS.resolve() and not args.smoke:
+        update_readme(out)  # README quotes the committed results: keep them in step
     failed = [entry["name"] for entry in suite["benchmarks"] if entry["status"] != "ok"]
     print(f"report: {report}" + (f"\nfailed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -137,3 +137,25 @@ def test_a_benchmark_with_few_fields_and_no_suite_run_still_renders(tmp_path: Pa
 
 def test_numbers_keep_about_three_significant_digits() -> None:
     assert [fmt(v) for v in (1234.56, 12.345, 1.2345, 0.012345, 7, None, "grpc")] == ["1235", "12.3", "1.23", "0.0123", "7", "", "grpc"]
+
+
+def test_readme_quotes_the_committed_results_exactly():
+    """README's benchmark headlines are generated from benchmarks/results; an edit by hand or a stale block fails here."""
+    from benchmarks.report import README, README_END, README_START, RESULTS, readme_block
+
+    text = README.read_text()
+    block = text[text.index(README_START) : text.index(README_END) + len(README_END)]
+    assert block == readme_block(RESULTS), "run `python -m benchmarks.report --readme`"
+
+
+def test_update_readme_replaces_only_its_block(results: Path, tmp_path: Path):
+    from benchmarks.report import README_END, README_START, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{README_START}\nstale 1.0 ms\n{README_END}\nafter\n")
+    assert update_readme(results, readme)
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("\nafter\n") and "stale" not in text
+    assert "guard gRPC door, unary: added p50 at concurrency 1: **2.5 ms**" in text
+    readme.write_text("no block here\n")
+    assert not update_readme(results, readme)
