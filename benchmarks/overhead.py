@@ -7,6 +7,12 @@
 The tiny Llama is the default because it is the hardest case for a proxy: vLLM answers it in tens of
 milliseconds on this CPU, so what guard adds (and the CPU it takes from vLLM on a shared machine) shows;
 Gemma's ~0.7 s per request on CPU hides it in noise.
+
+--cores split (the default) pins vLLM's processes to the last core and guard and the load generator to
+the others, as on a GPU server where vLLM does not share guard's cores. --cores shared lets everything
+share both cores: vLLM's busy engine loop then delays every wake-up of guard (measured: requests
+through guard spend ~40 ms waiting for a CPU at concurrency 32 while guard uses 0.5 ms of it), which
+says more about 2-core machines than about guard.
     python -m benchmarks.overhead --smoke                # seconds, against the instant upstream; what CI runs
 
 One vLLM, one `guard serve` in front of it (passthrough policy "default"), the same greedy chat request
@@ -283,6 +289,32 @@ def headlines(rows: list[dict], ceiling: list[dict]) -> list[dict]:
     return found
 
 
+CORES_TEXT = {
+    "split": "vLLM's processes pinned to the last core, guard and the load generator to the others",
+    "shared": "every process on every core",
+}
+
+
+def split_cores(*, vllm_pid: int, guard_pid: int) -> None:
+    """vLLM on the last core, guard and this load generator on the rest (every thread of every process: Linux
+    affinity is per thread, and threads started later inherit it)."""
+    last = (os.cpu_count() or 1) - 1
+    rest = set(range(last)) or {last}
+
+    def pin(pid: int, cores: set[int]) -> None:
+        root = psutil.Process(pid)
+        for process in [root, *root.children(recursive=True)]:
+            for thread in process.threads():
+                try:
+                    os.sched_setaffinity(thread.id, cores)
+                except OSError:  # the thread ended meanwhile
+                    pass
+
+    pin(vllm_pid, {last})
+    pin(guard_pid, rest)
+    pin(os.getpid(), rest)
+
+
 @contextmanager
 def guard_in_front(upstream: str, served: str, workdir: Path, name: str):
     """`guard serve` with both doors; yields (process, gRPC target, HTTP URL)."""
@@ -389,6 +421,8 @@ async def run(args) -> dict:
         with ManagedVLLM(model_dir, served_model_name=served, dtype=dtype, max_model_len=args.max_model_len, log_path=workdir / "vllm.log") as vllm:
             vllm_seconds = time.perf_counter() - started
             with guard_in_front(vllm.url, served, workdir, "guard-vllm") as (guard_process, target, http_url):
+                if args.cores == "split":
+                    split_cores(vllm_pid=vllm.pid, guard_pid=guard_process.pid)
                 arms = Arms(vllm.url, served, http_url, target, args.max_tokens)
                 try:
                     loads["measurement_start"] = os.getloadavg()
@@ -413,6 +447,7 @@ async def run(args) -> dict:
         "upstream": upstream,
         "policy": f"{POLICY} (passthrough)",
         "baseline": "vLLM direct, same requests, same run" if not args.smoke else "instant upstream direct, same requests, same run",
+        "cores": CORES_TEXT[args.cores] if not args.smoke else CORES_TEXT["shared"],
         "request": {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": args.max_tokens, "temperature": 0.0},
         "rounds": args.rounds,
         "requests_per_cell_and_round": {c: max(args.waves * c, args.min_requests) for c in args.concurrency},
@@ -427,11 +462,12 @@ async def run(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["tiny", "gemma"], default="tiny", help="the upstream model (see above)")
+    parser.add_argument("--cores", choices=["split", "shared"], default="split", help="where the processes run (see above)")
     parser.add_argument("--model-dir", help="another model for vLLM, served in fp32 (overrides --model)")
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--rounds", type=int, default=3, help="shuffled rounds of the six cells per concurrency")
+    parser.add_argument("--rounds", type=int, default=5, help="shuffled rounds of the six cells per concurrency")
     parser.add_argument("--waves", type=int, default=10, help="requests per worker in a cell and round (Gemma: 1 is minutes already)")
     parser.add_argument("--min-requests", type=int, default=6, help="at least this many requests per cell and round")
     parser.add_argument("--ceiling-requests", type=int, default=400, help="requests per cell against the instant upstream")

@@ -125,7 +125,8 @@ def upstream_text(data: dict) -> str:
 
 def context_line(data: dict) -> str:
     return (f"Machine: {machine_text(data.get('machine'))}. Model / upstream: {upstream_text(data)}. "
-            f"Baseline: {str(data.get('baseline') or 'not stated').rstrip('.')}.")
+            f"Baseline: {str(data.get('baseline') or 'not stated').rstrip('.')}."
+            + (f" Cores: {data['cores']}." if data.get("cores") else ""))
 
 
 def scalar_columns(rows: list[dict]) -> list[str]:
