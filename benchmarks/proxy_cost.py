@@ -309,7 +309,8 @@ async def run(args) -> dict:
             except subprocess.TimeoutExpired:
                 process.kill()
     if profiles:
-        report = "".join(f"== {title}\n{summarize_profile(raw)}\n" for title, raw in profiles)
+        report = f"# {' '.join(['python -m benchmarks.proxy_cost', *sys.argv[1:]])} ({time.strftime('%Y-%m-%d')})\n"
+        report += "".join(f"== {title}\n{summarize_profile(raw)}\n" for title, raw in profiles)
         (RESULTS / "proxy_profile.txt").write_text(report)
         print(report)
     for row in rows:
