@@ -11,6 +11,17 @@ from pathlib import Path
 from guard.upstream.launcher import free_port
 
 
+def stop_processes(processes: Sequence[subprocess.Popen]) -> None:
+    """Terminates what a benchmark started, last started first; kills what does not exit within 30 s."""
+    for process in reversed(processes):
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]

@@ -45,7 +45,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import percentile  # noqa: E402
+from benchmarks.harness import percentile, stop_processes  # noqa: E402
 from benchmarks.proxy_cost import _drive, _wait_port, start_upstream  # noqa: E402
 from guard.upstream.launcher import free_port  # noqa: E402
 from guard.v1 import guard_pb2 as pb  # noqa: E402
@@ -455,13 +455,7 @@ async def run(args) -> dict:
                     )
         await subjects.close()
     finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)
         if vllm is not None:
             vllm.stop()
 

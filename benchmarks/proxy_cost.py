@@ -41,7 +41,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import percentile  # noqa: E402
+from benchmarks.harness import percentile, stop_processes  # noqa: E402
 from guard.upstream.launcher import free_port  # noqa: E402
 from guard.v1 import guard_pb2 as pb  # noqa: E402
 from guard.v1 import guard_pb2_grpc  # noqa: E402
@@ -301,13 +301,7 @@ async def run(args) -> dict:
         await close_guard()
         await close_minimal()
     finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)
     if profiles:
         report = f"# {' '.join(['python -m benchmarks.proxy_cost', *sys.argv[1:]])} ({time.strftime('%Y-%m-%d')})\n"
         report += "".join(f"== {title}\n{summarize_profile(raw)}\n" for title, raw in profiles)

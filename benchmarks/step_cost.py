@@ -28,7 +28,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import percentile  # noqa: E402
+from benchmarks.harness import percentile, stop_processes  # noqa: E402
 from benchmarks.proxy_cost import _request, measure, start_guard, start_upstream  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -281,13 +280,7 @@ async def run(args) -> dict:
             print(f"round {round_ + 1}/{args.rounds} done at {time.monotonic() - began:.0f} s", flush=True)
         await channel.close()
     finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)
     rows = aggregate(samples, latencies, steps)
     import torch
 

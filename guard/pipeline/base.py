@@ -125,11 +125,13 @@ class Step(Generic[ConfigT]):
         """Pick the answer among ctx.candidates (only for steps with selects=True)."""
         raise NotImplementedError
 
-    async def check_partial(self, ctx: Context, text: str, *, final: bool) -> Refusal | None:
+    async def check_partial(self, ctx: Context, text: str, *, final: bool, checked: int = 0) -> Refusal | None:
         """Vet the answer while it streams (only for steps with moderates_stream=True).
 
-        `text` is the whole text generated so far; `final` is True for the last call, on the
-        whole answer. A Refusal stops the stream and closes the upstream request.
+        `text` is the whole text generated so far, of which the first `checked` characters were
+        vetted by the previous call (one chunk may bring any amount of new text: all of it must be
+        read); `final` is True for the last call, on the whole answer. A Refusal stops the stream
+        and closes the upstream request.
         """
         return None
 

@@ -33,7 +33,7 @@ from guard.safety.embedder import EncoderSpec, model_path
 from guard.safety.guard_model import GuardModelChecker
 from guard.safety.normalize import views
 from guard.safety.patterns import PatternSet
-from guard.safety.windows import TooManyWindows, all_windows, windows
+from guard.safety.windows import TooManyWindows, all_windows, windows_since
 from guard.types import Message, Refusal
 
 log = logging.getLogger(__name__)
@@ -243,14 +243,18 @@ class OutputFilter(_Filter):
         if refusal is not None:
             candidate.refusal = refusal
 
-    async def check_partial(self, ctx: Context, text: str, *, final: bool) -> Refusal | None:
-        """While streaming, read the newest window of the answer (it overlaps the window checked
-        before, so a match split across chunks is seen whole); at the end, read the whole answer."""
+    async def check_partial(self, ctx: Context, text: str, *, final: bool, checked: int = 0) -> Refusal | None:
+        """While streaming, read every word written since the last check (`checked` characters ago)
+        in windows that reach back over it, so a match split across chunks is seen whole however much
+        text one chunk brought; at the end, read the whole answer."""
         if not final:
             # The last word may be unfinished ("pipe bomb" of "pipe bombastic"): it is read next time,
             # since the runner holds back at least the newest characters until a later check.
             text = text[: len(text) - len(_UNFINISHED_WORD.search(text).group(0))]
             if not text.strip():
                 return None
-            text = windows(text, words=STREAM_WINDOW_WORDS, stride=STREAM_WINDOW_WORDS // 2)[-1]
+            # The word at the old end may have grown since: it is read again.
+            since_word = max(0, len(text[:checked].split()) - 1)
+            parts = windows_since(text, words=STREAM_WINDOW_WORDS, since_word=since_word)
+            return await self._check(ctx, parts, client_conversation(ctx), parts[-1])
         return await self._check(ctx, [text], client_conversation(ctx), text)

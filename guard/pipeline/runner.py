@@ -244,6 +244,7 @@ class _Checks:
         self.ctx = ctx
         self.seconds = {step: 0.0 for step in pipeline.moderators}
         self.details: dict[Step, dict] = {step: {"checks": 0} for step in pipeline.moderators}
+        self.checked = 0  # characters of the answer every step has vetted
 
     async def run(self, text: str, *, final: bool) -> Refusal | None:
         """Sets ctx.refusal and returns it when a step blocks."""
@@ -251,13 +252,14 @@ class _Checks:
         for step in self.pipeline.moderators:
             ctx.detail = self.details[step]
             started = time.perf_counter()
-            refusal = await step.check_partial(ctx, text, final=final)
+            refusal = await step.check_partial(ctx, text, final=final, checked=self.checked)
             self.seconds[step] += time.perf_counter() - started
             ctx.detail["checks"] += 1
             if refusal is not None:
                 ctx.detail.update(blocked_at_chars=len(text), final=final)
                 ctx.refusal = refusal
                 return refusal
+        self.checked = len(text)
         return None
 
     def record(self, trace: list[TraceEntry]) -> None:

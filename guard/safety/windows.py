@@ -26,6 +26,18 @@ def windows(text: str, *, words: int, stride: int) -> list[str]:
     return [" ".join(tokens[start : start + words]) for start in starts]
 
 
+def windows_since(text: str, *, words: int, since_word: int) -> list[str]:
+    """Windows of `words` words that end at the text's end and step back by half a window until one
+    starts at least half a window before word `since_word`: together they read every word from there
+    on, and a phrase of up to half a window across that word is seen whole in one of them."""
+    tokens = text.split()
+    overlap = words // 2
+    starts = [max(0, len(tokens) - words)]
+    while starts[-1] > max(0, since_word - overlap):
+        starts.append(max(0, starts[-1] - overlap))
+    return [" ".join(tokens[start : start + words]) for start in reversed(starts)] if tokens else []
+
+
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 
 

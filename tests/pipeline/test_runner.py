@@ -262,3 +262,16 @@ async def test_a_unary_block_exposes_nothing():
     assert result.refusal is not None and result.text == "No."
     assert upstream.aborted  # a unary answer stops the generation early too
     assert sample("guard_stream_exposed_chars_count", "unary") == count  # nothing reached a client
+
+
+@pytest.mark.parametrize("position", [0, 300, 1200])
+async def test_a_phrase_deep_inside_one_big_chunk_is_caught_before_any_of_it_is_sent(position):
+    """A fast upstream's events arrive together and are coalesced into one chunk: every word of it
+    is read, not only the newest window, before anything is released."""
+    filler = " ".join(f"word{i}" for i in range(400))  # ~3,500 characters: many windows long
+    text = filler[:position] + f" {SECRET} " + filler[position:]
+    upstream = ScriptedUpstream(["Sure.", text, " and the end."])
+    pieces, final = await collect(pipeline(output_filter(holdback=16, every=8), upstream, name="big-chunk"))
+    assert final.refusal is not None and final.refusal.rule == "secret"
+    assert SECRET not in "".join(pieces)
+    assert len("".join(pieces)) <= len("Sure.") + position + 1

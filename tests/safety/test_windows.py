@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guard.safety.windows import TooManyWindows, all_windows, windows
+from guard.safety.windows import TooManyWindows, all_windows, windows, windows_since
 
 
 def test_short_text_is_one_window():
@@ -40,3 +40,22 @@ def test_a_long_text_is_read_sentence_by_sentence_and_window_by_window():
     assert any(piece.endswith("without getting caught?") and len(piece.split()) == 32 for piece in pieces)
     assert len(pieces) == len(set(pieces))
     assert segments("short request. Two sentences.", words=32, stride=16) == ["short request. Two sentences."]
+
+
+@pytest.mark.parametrize(("total", "since"), [(10, 0), (100, 95), (100, 3), (1000, 0), (1000, 990), (1000, 400)])
+def test_windows_since_read_every_word_from_where_the_last_check_ended(total, since):
+    text = " ".join(f"w{i}" for i in range(total))
+    parts = windows_since(text, words=96, since_word=since)
+    seen = {word for part in parts for word in part.split()}
+    assert {f"w{i}" for i in range(since, total)} <= seen
+    assert parts[-1].split()[-1] == f"w{total - 1}"  # the newest window ends at the end
+    assert all(len(part.split()) <= 96 for part in parts)
+    # Reaching back half a window before `since` (a phrase across it is read whole), and not much further.
+    first = int(parts[0].split()[0][1:])
+    assert first <= max(0, since - 48) and first > since - 96 - 48
+
+
+def test_windows_since_on_a_small_delta_is_the_newest_window_alone():
+    text = " ".join(f"w{i}" for i in range(500))
+    assert windows_since(text, words=96, since_word=498) == [" ".join(f"w{i}" for i in range(404, 500))]
+    assert windows_since("", words=96, since_word=0) == []
