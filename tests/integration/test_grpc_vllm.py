@@ -106,8 +106,10 @@ def test_stream_equals_unary_under_greedy(guard):
     events = list(guard.stream("The weather today", policy="greedy"))
     pieces = [e for e in events if isinstance(e, str)]
     final = events[-1]
-    assert isinstance(final, Answer)
-    assert len(pieces) > 1, "text should arrive in several pieces"
+    assert isinstance(final, Answer) and pieces
+    # How many pieces depends on how fast the tiny model outruns guard (what arrives together is passed on
+    # together); that text streams as it is generated is timed against a trickling upstream in
+    # tests/server/test_faults.py.
     assert "".join(pieces) == final.text == unary.text
     assert final.completion_tokens == unary.completion_tokens and final.finish_reason == unary.finish_reason
     assert final.policy_version == unary.policy_version

@@ -111,16 +111,19 @@ def test_a_streamed_block_refuses_and_closes_the_upstream_stream(client, trickle
     assert trickle.sent_events < 20  # the upstream was stopped soon after piece 5, not left to run 100
 
 
-def test_moderated_text_arrives_while_the_upstream_is_still_generating(client, trickle):
+@pytest.mark.parametrize("policy", ["stream-pass", "default"])
+def test_text_arrives_in_pieces_while_the_upstream_is_still_generating(client, trickle, policy):
+    """Moderated or not, a stream passes text on as it comes (pieces of what arrived together, not the whole)."""
     sent_at_first_piece = None
     events = []
-    for event in client.stream("hi", policy="stream-pass", timeout=30):
+    for event in client.stream("hi", policy=policy, timeout=30):
         if sent_at_first_piece is None and isinstance(event, str):
             sent_at_first_piece = trickle.sent_events
         events.append(event)
     *pieces, final = events
     assert not final.refused and "".join(pieces) == "".join(f"piece {i} " for i in range(100))
     assert sent_at_first_piece is not None and sent_at_first_piece < 20, sent_at_first_piece
+    assert len(pieces) > 10
 
 
 def test_no_reachable_upstream_is_unavailable(tmp_path):
