@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -27,10 +26,12 @@ from typing import Any
 
 import anyio
 import grpc
+import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse as StarletteJSONResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from guard import limits
@@ -110,8 +111,15 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+class JSONResponse(StarletteJSONResponse):
+    """Rendered by orjson: several times faster than json.dumps on a completion (same compact UTF-8)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 class EventStream(StreamingResponse):
@@ -206,7 +214,7 @@ class _Reply:
             "guard": self.guard_fields(),
         }
 
-    def chunk(self, index: int, *, text: str | None = None, role: bool = False, result: GenerateResult | None = None) -> str:
+    def chunk(self, index: int, *, text: str | None = None, role: bool = False, result: GenerateResult | None = None) -> bytes:
         choice: dict[str, Any] = {"index": index}
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
@@ -231,7 +239,7 @@ class _Reply:
             payload["usage"] = None
         return _sse(payload)
 
-    def usage_chunk(self, results: list[GenerateResult]) -> str:
+    def usage_chunk(self, results: list[GenerateResult]) -> bytes:
         return _sse(
             {
                 "id": self.id,
@@ -393,7 +401,7 @@ class OpenAIDoor:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _stream(self, reply: _Reply, first, events, observation: Observation) -> AsyncIterator[str]:
+    async def _stream(self, reply: _Reply, first, events, observation: Observation) -> AsyncIterator[bytes]:
         results: dict[int, GenerateResult] = {}
         started: set[int] = set()
         started_text = False
@@ -418,7 +426,7 @@ class OpenAIDoor:
             ordered = [results[index] for index in sorted(results)]
             if reply.include_usage:
                 yield reply.usage_chunk(ordered)
-            yield "data: [DONE]\n\n"
+            yield b"data: [DONE]\n\n"
             observation.answered(*ordered)
             observation.finish()
         except Exception as exc:  # noqa: BLE001 - the status line is sent: report it in the stream, as vLLM does
