@@ -104,12 +104,6 @@ class GuardApp:
         # Embedding models take seconds to load: before SERVING, not on the first request.
         for encoder in sorted(self._encoders(), key=str):
             await self.embedders.warm(encoder)
-        # Reward models too: the first best-of-n request must not pay for loading one.
-        for key, reward in sorted(self._rewards().items()):
-            try:
-                await self.reranker.load(reward)
-            except Exception as exc:  # noqa: BLE001 - requests retry the load and follow the step's on_error
-                log.warning("could not load the %s reward at startup (requests will try again): %s", reward.type, exc)
         address = f"{self.settings.host}:{self.settings.port}"
         credentials = self._grpc_credentials()
         if credentials is None:
@@ -158,15 +152,6 @@ class GuardApp:
                 if hasattr(step, "encoders"):
                     wanted |= step.encoders()
         return wanted
-
-    def _rewards(self) -> dict:
-        """The reward configs of the served policies' best_of_n steps, by their JSON (the reranker's key)."""
-        return {
-            step.reward.model_dump_json(): step.reward
-            for loaded in self.store.list()
-            for step in loaded.policy.steps
-            if step.type == "best_of_n"
-        }
 
     def not_serving_because(self) -> str | None:
         """Why guard cannot answer ordinary requests now, or None."""

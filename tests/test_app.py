@@ -184,22 +184,3 @@ def test_a_taken_port_is_a_clear_startup_error(tmp_path, fault):
     assert code == 1, log
     assert f"cannot start: cannot bind HTTP port 127.0.0.1:{port}" in log
     assert "Traceback" not in log and "never awaited" not in log
-
-
-async def test_reward_models_load_before_serving_and_a_broken_one_does_not_stop_guard(tmp_path, fault, tiny_reward_dir, caplog):
-    from guard.policy.reward import SequenceClassifierReward
-
-    good = SequenceClassifierReward(type="sequence_classifier", path=str(tiny_reward_dir))
-    broken = SequenceClassifierReward(type="sequence_classifier", path=str(tmp_path / "no-such-model"))
-    for name, reward in (("ranked", good), ("broken", broken)):
-        (tmp_path / f"{name}.yaml").write_text(
-            f"name: {name}\nsteps: [{{type: best_of_n, n: 2, reward: {{type: sequence_classifier, path: '{reward.path}'}}}}]\n"
-        )
-    app = await start(tmp_path, fault)
-    try:
-        assert app.reranker.is_loaded(good)  # before the first best-of-n request
-        assert not app.reranker.is_loaded(broken)
-        assert "could not load the sequence_classifier reward at startup" in caplog.text
-        assert app.serving
-    finally:
-        await app.stop(grace=1)

@@ -74,11 +74,6 @@ class Reranker:
         )
         self._sources: dict[str, asyncio.Future[RewardSource]] = {}
 
-    def is_loaded(self, config: RewardConfig) -> bool:
-        """Whether the source for `config` is built and ready (no request will wait for it)."""
-        future = self._sources.get(config.model_dump_json())
-        return future is not None and future.done() and not future.cancelled() and future.exception() is None
-
     async def load(self, config: RewardConfig) -> RewardSource:
         """The source for `config`, built once; concurrent callers share one build."""
         key = config.model_dump_json()
