@@ -34,10 +34,6 @@ def _caller(context: grpc.aio.ServicerContext) -> tuple[str | None, str | None]:
     return authorization, request_id
 
 
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-    return _caller(context)[0]
-
-
 class GuardServicer(guard_pb2_grpc.GuardServicer):
     def __init__(self, service: GuardService) -> None:
         self.service = service
@@ -86,7 +82,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
     @unary_statuses
     async def ListPolicies(self, request: pb.ListPoliciesRequest, context) -> pb.ListPoliciesResponse:
         with self.service.observe("ListPolicies") as observation:
-            tenant = self.service.authenticate(_authorization(context))
+            tenant = self.service.authenticate(_caller(context)[0])
             observation.tenant = tenant
             default = tenant.default_policy or self.service.store.default_policy
             response = pb.ListPoliciesResponse(default_policy=default if tenant.may_use(default) else "")
@@ -107,7 +103,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
     @unary_statuses
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         with self.service.observe("Score", generates=True) as observation:
-            tenant = self.service.authenticate(_authorization(context))
+            tenant = self.service.authenticate(_caller(context)[0])
             observation.tenant = tenant
             prompt, messages = convert.input_of(request)
             admission, scores = await self.service.score(
