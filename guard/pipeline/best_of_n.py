@@ -42,7 +42,11 @@ class BestOfN(Step[BestOfNStep]):
         budget = ctx.sampling.max_tokens or 256
         first = await self._extend(ctx, None, min(rejection.chunk_tokens, budget), n=self.config.n)
         live = [[choice.text, choice.finish_reason] for choice in first.choices]
-        completion_tokens, grown, rounds = first.completion_tokens, min(rejection.chunk_tokens, budget), []
+        grown, rounds = min(rejection.chunk_tokens, budget), []
+        # Every token the upstream processed: the first call's prompt once (vLLM reports it once for
+        # its n samples), each continuation's prompt (prompt + the partial answer it re-sends), and
+        # every call's completion tokens.
+        prompt_tokens, completion_tokens, calls, generation_rounds = first.prompt_tokens, first.completion_tokens, 1, 1
         request = ctx.request
         prompt = request.messages if request.messages is not None else (request.prompt or "")
         while grown < budget:
@@ -68,13 +72,23 @@ class BestOfN(Step[BestOfNStep]):
             for i, more in zip(unfinished, extended, strict=True):
                 live[i][0] += more.choices[0].text
                 live[i][1] = more.choices[0].finish_reason
+                prompt_tokens += more.prompt_tokens
                 completion_tokens += more.completion_tokens
             grown += chunk
+            calls += len(extended)
+            generation_rounds += 1
         ctx.detail.update(
-            rounds=rounds, completion_tokens=completion_tokens, plain_best_of_n_tokens_at_most=self.config.n * budget
+            rounds=rounds,
+            generation_rounds=generation_rounds,
+            upstream_calls=calls,
+            upstream_prompt_tokens=prompt_tokens,
+            resent_prompt_tokens=prompt_tokens - first.prompt_tokens,
+            upstream_completion_tokens=completion_tokens,
         )
         choices = tuple(Choice(index=i, text=text, finish_reason=reason) for i, (text, reason) in enumerate(live))
-        return Completion(choices, first.prompt_tokens, completion_tokens, first.model, first.upstream_url)
+        # Usage is what the upstream processed (OpenAI usage is what was billed), so the client sees the
+        # re-sent prompts too: a plain best_of_n's usage would understate this policy's cost.
+        return Completion(choices, prompt_tokens, completion_tokens, first.model, first.upstream_url)
 
     async def _extend(self, ctx: Context, partial: str | None, max_tokens: int, *, n: int) -> Completion:
         """n fresh candidates (partial=None), or one continuation of a partial candidate."""

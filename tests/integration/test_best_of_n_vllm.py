@@ -93,7 +93,9 @@ def test_speculative_rejection_prunes_and_generates_fewer_tokens(guard, policy_d
     assert rounds and rounds[0]["after_tokens"] == 6
     assert all(r["pruned"] > 0 for r in rounds)
     # Plain best-of-8 would generate up to 8 × 24 tokens; pruning stops most candidates early.
-    assert answer.completion_tokens == generated["completion_tokens"] < 8 * 24
+    assert answer.completion_tokens == generated["upstream_completion_tokens"] < 8 * 24
+    # Usage counts every upstream call: each continuation re-sent the prompt and a partial answer.
+    assert answer.prompt_tokens == generated["upstream_prompt_tokens"] > generated["resent_prompt_tokens"] > 0
     survivors = steps[("best_of_n", "select")]["detail"]["candidates"]
     assert 1 <= len(survivors) < 8
     chosen = int(steps[("best_of_n", "select")]["detail"]["chosen"])

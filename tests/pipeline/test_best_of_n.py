@@ -15,7 +15,7 @@ from guard.pipeline import best_of_n  # noqa: F401 - registers the step
 from guard.pipeline.base import Candidate, Context, StepDeps, step_class
 from guard.policy.model import Policy
 from guard.rerank import Reranker, RerankError
-from guard.types import GenerateInput, Message, Refusal, Sampling
+from guard.types import Choice, Completion, GenerateInput, Message, Refusal, Sampling
 
 QUESTION = [Message("user", "What is the capital of France?")]
 ON_TOPIC = "Paris is the capital of France."
@@ -162,3 +162,102 @@ async def test_reward_failure_can_fall_back_to_the_first_candidate(reranker: Rer
     refuse(ctx.candidates[0])
     assert await step.select(ctx) is ctx.candidates[1]
     assert "not a model directory" in ctx.detail["error"] and ctx.detail["chosen"] == 1
+
+
+class ChunkedUpstream:
+    """Candidate k is `lengths[k]` tokens "wk "; a call grows each of its candidates by at most max_tokens.
+
+    Usage is reported as vLLM does: prompt tokens once per call (whatever its n), the re-sent partial
+    answer counted in a continuation's prompt; a token is a whitespace-separated word."""
+
+    def __init__(self, lengths: list[int]) -> None:
+        self.lengths = lengths
+        self.calls: list[dict[str, Any]] = []
+
+    async def generate(self, model, *, prompt, messages, sampling, continue_final_message, **_: Any) -> Completion:
+        sent = prompt if messages is None else " ".join(m.content for m in messages)
+        if continue_final_message:
+            partial = prompt[len(PROMPT):] if messages is None else messages[-1].content
+            ids = [int(partial.split()[0][1:])]
+        else:
+            partial, ids = "", list(range(sampling.n))
+        done = len(partial.split())
+        choices = []
+        for index, k in enumerate(ids):
+            grow = min(sampling.max_tokens, self.lengths[k] - done)
+            finish = "stop" if done + grow == self.lengths[k] else "length"
+            choices.append(Choice(index=index, text=f"w{k} " * grow, finish_reason=finish))
+        completion = Completion(tuple(choices), len(sent.split()), sum(len(c.text.split()) for c in choices), model)
+        self.calls.append(dict(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens))
+        return completion
+
+
+class ScoreById:
+    """A reward that prefers candidates with higher ids, so which ones are pruned is known."""
+
+    async def score(self, source, prompt, texts, timeout=None) -> list[float]:
+        return [float(text.split()[0][1:]) for text in texts]
+
+
+PROMPT = "Question: What is the capital of France? Answer: "
+
+
+def pruning(upstream: ChunkedUpstream, chat: bool, **options: Any) -> tuple[Any, Context]:
+    step = {"type": "best_of_n", "n": 4, "reward": {"type": "embedding"}, **options}
+    policy = Policy.model_validate({"name": "sr", "steps": [step]})
+    config = policy.steps[0]
+    step = step_class(config.type)(config, StepDeps(upstream=upstream, reranker=ScoreById()))  # type: ignore[arg-type]
+    sampling = Sampling(max_tokens=12, n=4)
+    if chat:
+        request, prompt, messages = GenerateInput(messages=list(QUESTION), sampling=sampling), None, list(QUESTION)
+    else:
+        request, prompt, messages = GenerateInput(prompt=PROMPT, sampling=sampling), PROMPT, None
+    ctx = Context(request, policy, "v", "m", sampling, prompt=prompt, messages=messages)
+    return step, ctx
+
+
+@pytest.mark.parametrize("chat", [True, False])
+async def test_speculative_rejection_accounts_every_upstream_token(chat: bool):
+    upstream = ChunkedUpstream(lengths=[12] * 4)
+    step, ctx = pruning(upstream, chat, speculative_rejection={"chunk_tokens": 4, "keep_fraction": 0.5})
+    completion = await step.generate(ctx)
+    p = 6 if chat else 8  # prompt tokens of the question as sent
+    # 4 fresh candidates × 4 tokens; keep ids 2, 3, each re-sent with 4 tokens; keep id 3, re-sent with 8.
+    assert upstream.calls == [
+        {"prompt_tokens": p, "completion_tokens": 16},
+        {"prompt_tokens": p + 4, "completion_tokens": 4},
+        {"prompt_tokens": p + 4, "completion_tokens": 4},
+        {"prompt_tokens": p + 8, "completion_tokens": 4},
+    ]
+    assert [c.text for c in completion.choices] == ["w3 " * 12]
+    assert ctx.detail["rounds"] == [
+        {"after_tokens": 4, "unfinished": 4, "pruned": 2},
+        {"after_tokens": 8, "unfinished": 2, "pruned": 1},
+    ]
+    assert ctx.detail["generation_rounds"] == 3 and ctx.detail["upstream_calls"] == 4
+    assert ctx.detail["upstream_prompt_tokens"] == 4 * p + 16 and ctx.detail["resent_prompt_tokens"] == 3 * p + 16
+    assert ctx.detail["upstream_completion_tokens"] == 28
+    # The client's usage is what the upstream processed, re-sent prompts included.
+    assert (completion.prompt_tokens, completion.completion_tokens) == (4 * p + 16, 28)
+
+
+async def test_finished_candidates_are_neither_continued_nor_counted_again():
+    # id 0 stops after 3 tokens, id 1 after 6: only unfinished ones are ranked, pruned and re-sent.
+    upstream = ChunkedUpstream(lengths=[3, 6, 12, 12])
+    rejection = {"chunk_tokens": 4, "keep_fraction": 0.5, "min_candidates": 3}
+    step, ctx = pruning(upstream, True, speculative_rejection=rejection)
+    completion = await step.generate(ctx)
+    assert upstream.calls == [
+        {"prompt_tokens": 6, "completion_tokens": 15},  # 3 + 4 + 4 + 4
+        {"prompt_tokens": 10, "completion_tokens": 2},  # id 1 stops at 6
+        {"prompt_tokens": 10, "completion_tokens": 4},
+        {"prompt_tokens": 10, "completion_tokens": 4},
+        {"prompt_tokens": 14, "completion_tokens": 4},
+        {"prompt_tokens": 14, "completion_tokens": 4},
+    ]
+    assert ctx.detail["rounds"] == []  # never fewer than min_candidates unfinished: nothing pruned
+    assert [c.finish_reason for c in completion.choices] == ["stop"] * 4
+    assert [len(c.text.split()) for c in completion.choices] == [3, 6, 12, 12]
+    assert ctx.detail["upstream_calls"] == 6 and ctx.detail["generation_rounds"] == 3
+    assert (completion.prompt_tokens, completion.completion_tokens) == (64, 33)
+    assert ctx.detail["upstream_prompt_tokens"] == 64 and ctx.detail["upstream_completion_tokens"] == 33
