@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from guard import limits, metrics, workers
 from guard.access import AccessControl
+from guard.audit import SQLiteAuditStore
 from guard.http.app import OpenAIDoor
 from guard.http.server import HttpServer
 from guard.pipeline.base import StepDeps
@@ -56,7 +57,19 @@ class GuardApp:
         self.access = AccessControl(
             settings.api_keys, allow_policies=settings.allow_policies, poll_interval=settings.poll_seconds
         )
-        self.service = GuardService(self.store, self.pipelines, self.access, max_in_flight=settings.max_in_flight)
+        self.audit = (
+            SQLiteAuditStore(
+                settings.audit_db,
+                max_age_seconds=settings.audit_max_age_days * 86400,
+                max_bytes=settings.audit_max_megabytes * 2**20,
+                observer=metrics.AuditMetrics(),
+            )
+            if settings.audit_db is not None
+            else None
+        )
+        self.service = GuardService(
+            self.store, self.pipelines, self.access, max_in_flight=settings.max_in_flight, audit=self.audit
+        )
         self.serving = False
         self.http = (
             HttpServer(
@@ -100,6 +113,8 @@ class GuardApp:
         metrics.POLICIES_LOADED.set(len(self.store.list()))
         await self.store.start()
         await self.access.start()
+        if self.audit is not None:
+            self.audit.start()
         await self.upstream.start()
         # Embedding models take seconds to load: before SERVING, not on the first request.
         for encoder in sorted(self._encoders(), key=str):
@@ -187,6 +202,8 @@ class GuardApp:
         grace = self.settings.grace_seconds if grace is None else grace
         http_drained = self.http.stop() if self.http is not None else asyncio.sleep(0)
         await asyncio.gather(self.server.stop(grace), http_drained)
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)  # writes what the drained requests left queued
         await self.store.stop()
         await self.access.stop()
         await self.reranker.close()

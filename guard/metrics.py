@@ -212,3 +212,42 @@ class UpstreamMetrics:
 
     def usable(self, endpoint: str, usable: bool) -> None:
         child(UPSTREAM_HEALTHY, endpoint).set(1 if usable else 0)
+
+
+# --- Audit log (guard.audit): what became of each finished request's record. Never any text. ---
+
+AUDIT_RECORDS = Counter(
+    "guard_audit_records_total",
+    "Audit records by result: written; queue_full (dropped: the writer fell behind, requests were not held up); "
+    "error (dropped: the database refused the write).",
+    ["result"],
+    registry=REGISTRY,
+)
+AUDIT_QUEUE = Gauge(
+    "guard_audit_queue_records",
+    "Finished requests waiting for the audit writer (sampled after each batch).",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+AUDIT_DELETED = Counter(
+    "guard_audit_deleted_total",
+    "Audit records deleted by retention, by reason (age, size).",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+
+class AuditMetrics:
+    """The audit store's observer (guard.audit.AuditObserver), recording guard_audit_*."""
+
+    def written(self, records: int) -> None:
+        AUDIT_RECORDS.labels(result="written").inc(records)
+
+    def dropped(self, reason: str, records: int) -> None:
+        AUDIT_RECORDS.labels(result=reason).inc(records)
+
+    def queued(self, records: int) -> None:
+        AUDIT_QUEUE.set(records)
+
+    def deleted(self, reason: str, records: int) -> None:
+        AUDIT_DELETED.labels(reason=reason).inc(records)

@@ -2,8 +2,8 @@
 
 A door converts its wire format to `guard.types`, then asks this service to admit the caller
 (key -> tenant -> policy, trace permission, rate limit), runs the policy's pipeline through it,
-and shows the caller only what its tenant may see. Metrics, token accounting and the request
-log live here too, so both doors count the same way.
+and shows the caller only what its tenant may see. Metrics, token accounting, the request
+log and the audit log live here too, so both doors count and record the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from guard import metrics
 from guard.access import AccessControl, Tenant
+from guard.audit import AuditStore, Finished
 from guard.errors import Invalid, InvalidArgument, ResourceExhausted, status_for
 from guard.limits import MAX_SCORE_CANDIDATES
 from guard.pipeline.runner import Pipeline, Pipelines, TextDelta
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # What an overloaded guard asks callers to wait: long enough for a burst to drain, short against a request.
 OVERLOAD_RETRY_SECONDS = 0.5
+# An audit record keeps this much of a failure's message (upstream errors can be long).
+AUDIT_ERROR_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -46,25 +49,38 @@ class Admission:
 
 
 class Observation:
-    """One request, counted in guard_requests_* when it ends; the door fills in what it learns."""
+    """One request, counted in guard_requests_* when it ends (and audited, once `received`); the door fills
+    in what it learns."""
 
-    def __init__(self, access: AccessControl, rpc: str) -> None:
+    def __init__(self, access: AccessControl, rpc: str, audit: AuditStore | None = None) -> None:
         self.access = access
         self.rpc = rpc
+        self.audit = audit
         self.policy = "unknown"
         self.tenant: Tenant | None = None
         self.outcome = "ok"
         self.started = time.perf_counter()
         self.finished = False
         self.on_finish: Callable[[], None] | None = None
+        self.request: GenerateInput | None = None
+        self.admission: Admission | None = None
+        self.results: tuple[GenerateResult, ...] = ()
         metrics.child(metrics.REQUESTS_IN_FLIGHT, rpc).inc()
 
+    def received(self, request: GenerateInput) -> None:
+        """The generation request, as the door read it: its end will be audited, whatever it is. A request
+        guard could not read (no valid key, a malformed body) is only counted: a caller without a key
+        cannot fill the audit log and push real records out of it."""
+        self.request = request
+
     def admitted(self, admission: Admission) -> None:
+        self.admission = admission
         self.policy = admission.policy
         self.tenant = admission.tenant
 
     def answered(self, *results: GenerateResult) -> None:
         """The request's answers (one per choice): refused if any was."""
+        self.results = results
         for result in results:
             refusal = result.refusal
             if refusal is not None:
@@ -81,21 +97,61 @@ class Observation:
         self.finished = True
         if self.on_finish is not None:
             self.on_finish()
+        error = ""
         if exc is not None:
             # A client that cancels (or drops a stream) shows up as CancelledError / GeneratorExit here.
-            cancelled = isinstance(exc, (GeneratorExit, asyncio.CancelledError))
-            self.outcome = "CANCELLED" if cancelled else status_for(exc)[0].name
+            if isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
+                self.outcome, error = "CANCELLED", "cancelled by the client"
+            else:
+                code, error = status_for(exc)
+                self.outcome = code.name
         tenant = self.access.metric_label(self.tenant)
+        seconds = time.perf_counter() - self.started
         metrics.child(metrics.REQUESTS_IN_FLIGHT, self.rpc).dec()
         metrics.child(metrics.REQUESTS, self.rpc, self.policy, tenant, self.outcome).inc()
-        metrics.child(metrics.REQUEST_SECONDS, self.rpc, self.policy).observe(time.perf_counter() - self.started)
+        metrics.child(metrics.REQUEST_SECONDS, self.rpc, self.policy).observe(seconds)
+        if self.audit is not None and self.request is not None:
+            self.audit.submit(self._finished(seconds, error))
+
+    def _finished(self, seconds: float, error: str) -> Finished:
+        failed = self.outcome not in ("ok", "refused")
+        admission = self.admission
+        common = dict(
+            rpc=self.rpc,
+            tenant=self.tenant.name if self.tenant is not None else "",
+            time=time.time() - seconds,
+            seconds=seconds,
+            outcome="error" if failed else self.outcome,
+            status=self.outcome if failed else "OK",
+            error=error[:AUDIT_ERROR_CHARS],
+            request=self.request,
+            results=self.results,
+        )
+        if admission is None:
+            return Finished(**common)
+        return Finished(
+            **common,
+            policy=admission.policy,
+            policy_version=admission.loaded.version,
+            model=admission.pipeline.model,
+            text=admission.loaded.policy.audit.text,
+        )
 
 
 class GuardService:
-    def __init__(self, store: PolicyStore, pipelines: Pipelines, access: AccessControl, *, max_in_flight: int = 0) -> None:
+    def __init__(
+        self,
+        store: PolicyStore,
+        pipelines: Pipelines,
+        access: AccessControl,
+        *,
+        max_in_flight: int = 0,
+        audit: AuditStore | None = None,
+    ) -> None:
         self.store = store
         self.pipelines = pipelines
         self.access = access
+        self.audit = audit  # None: no audit log
         # Requests that generate or score, across both doors; beyond the bound, refuse at once rather than queue.
         self.max_in_flight = max_in_flight  # 0: unbounded
         self.in_flight = 0
@@ -123,7 +179,7 @@ class GuardService:
         A request that `generates` (or scores) takes one of the max_in_flight places until it finishes;
         with none free it is refused at once (ResourceExhausted, counted), never queued.
         """
-        observation = Observation(self.access, rpc)
+        observation = Observation(self.access, rpc, self.audit)
         if generates:
             try:
                 self._occupy()

@@ -55,6 +55,12 @@ class Settings:
     # SO_REUSEPORT on both doors, set by the supervisor for its workers. Off otherwise: a second guard
     # on a taken port must fail to start, not silently take half its traffic.
     reuse_port: bool = False
+    # The audit log: a SQLite file, one record per generation request; unset: off (guard has no state
+    # directory to default to, and cache_dir may be wiped). Retention every minute: records older than
+    # audit_max_age_days, then the oldest beyond audit_max_megabytes; 0: no limit.
+    audit_db: Path | None = None
+    audit_max_age_days: float = 30.0
+    audit_max_megabytes: int = 1024
 
     def __post_init__(self) -> None:
         self.check_tls()
@@ -95,7 +101,7 @@ class Settings:
         return env
 
 
-OPTIONAL_PATHS = ("api_keys", "tls_cert", "tls_key", "tls_client_ca")
+OPTIONAL_PATHS = ("api_keys", "tls_cert", "tls_key", "tls_client_ca", "audit_db")
 
 
 def _parse(name: str, raw: str, current):

@@ -327,6 +327,7 @@ class OpenAIDoor:
             body = _parse(await _read_body(request), model)
             generate_input = body.to_input()
             generate_input.request_id = limits.request_id(request.headers.get("x-request-id"))
+            observation.received(generate_input)
             served = self.service.store.list()
             # Every policy name, not only the tenant's: one it may not use is a 403, as through gRPC.
             policy_names = {loaded.policy.name for loaded in served}

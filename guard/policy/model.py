@@ -247,6 +247,14 @@ StepConfig = Annotated[
 ]
 
 
+class AuditOptions(Strict):
+    text: Literal["none", "hashed", "full"] = Field(
+        "none",
+        description="What the audit log keeps of prompts and answers: none; hashed (SHA-256 of each, to match and "
+        "count identical texts without keeping them; short texts can be guessed by hashing candidates); full (the text).",
+    )
+
+
 class Policy(Strict):
     name: str = Field(..., pattern=NAME_PATTERN, description="Policy name clients ask for.")
     description: str = Field("", description="What this policy is for.")
@@ -261,6 +269,9 @@ class Policy(Strict):
         "I can't help with that request.", min_length=1, description="Default refusal text for filters."
     )
     steps: list[StepConfig] = Field(default_factory=list, description="Steps applied in order.")
+    audit: AuditOptions = Field(
+        default_factory=AuditOptions, description="What guard's audit log (`guard serve --audit-db`) keeps of this policy's requests."
+    )
 
     @model_validator(mode="after")
     def _step_names_unique(self) -> Policy:

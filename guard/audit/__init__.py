@@ -1,0 +1,25 @@
+"""The audit log: one record per request guard answered (or failed), kept in a store operators query.
+
+`record` defines what a record holds, `store` what any store does, `sqlite` the store guard ships,
+`report` what `guard audit` prints and plots.
+"""
+
+from guard.audit.record import AuditRecord, ChoiceRecord, Finished, RefusalRecord, StepDecision, record_of, text_hash
+from guard.audit.sqlite import SQLiteAuditStore
+from guard.audit.store import AuditObserver, AuditQuery, AuditStore, DailyCount, Retained
+
+__all__ = [
+    "AuditObserver",
+    "AuditQuery",
+    "AuditRecord",
+    "AuditStore",
+    "ChoiceRecord",
+    "DailyCount",
+    "Finished",
+    "RefusalRecord",
+    "Retained",
+    "SQLiteAuditStore",
+    "StepDecision",
+    "record_of",
+    "text_hash",
+]

@@ -1,0 +1,207 @@
+"""The audit record: what guard did with one request, as stored, queried and exported.
+
+The request path hands over a `Finished` (references to what it already holds: the request, its
+results, how it ended) and the store's writer turns it into an `AuditRecord` with `record_of`, off
+the request path: reading the trace, hashing text and serialising cost the request nothing.
+
+Prompt and answer text follow the policy's `audit.text`: `none` keeps neither, `hashed` keeps
+`text_hash` of each, `full` keeps them. Chain-of-thought reasoning in the trace is model text too
+and follows the same setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from guard.types import GenerateInput, GenerateResult, Message, TraceEntry
+
+TextMode = Literal["none", "hashed", "full"]
+Outcome = Literal["ok", "refused", "error"]
+OUTCOMES: tuple[Outcome, ...] = ("ok", "refused", "error")
+
+# Trace detail keys that hold model text (chain_of_thought's hidden reasoning, in the answer's notes).
+TEXT_DETAIL_KEYS = frozenset({"reasoning"})
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A request as it ended, from the request path: no copying, no serialising.
+
+    `policy` is empty when the request was refused before a policy was chosen (unknown policy,
+    permission denied); `text` is then "none": no policy asked for more.
+    """
+
+    rpc: str
+    tenant: str
+    time: float  # unix seconds when the request arrived
+    seconds: float
+    outcome: Outcome
+    status: str  # "OK", or the gRPC status code name of a failure (CANCELLED, DEADLINE_EXCEEDED, ...)
+    error: str
+    request: GenerateInput
+    policy: str = ""
+    policy_version: str = ""
+    model: str = ""
+    text: TextMode = "none"
+    results: tuple[GenerateResult, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """One step's hook as the trace recorded it: what it decided (matched rule, scores, chosen candidate...)."""
+
+    step: str
+    type: str
+    phase: str
+    seconds: float
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RefusalRecord:
+    stage: str
+    step: str
+    rule: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChoiceRecord:
+    """One answer (an OpenAI request with n > 1 has several, each the whole policy)."""
+
+    finish_reason: str
+    refusal: RefusalRecord | None
+    steps: tuple[StepDecision, ...]
+    output: str | None  # the answer (or refusal) text, its hash, or None (see AuditRecord.text)
+    upstream_seconds: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    request_id: str
+    time: float  # unix seconds when the request arrived
+    rpc: str  # gRPC method or HTTP route (chat.completions, completions)
+    tenant: str  # the API key's tenant; "anonymous" without a key file
+    policy: str  # "" when none was chosen (the request failed before)
+    policy_version: str
+    model: str  # the upstream model the policy routes to
+    outcome: Outcome
+    status: str
+    error: str  # guard's message for a failed request (the one its caller got)
+    seconds: float  # inside guard, receipt to last byte
+    text: TextMode  # what `input` and each choice's `output` hold
+    input: Any  # the prompt (str) or messages ([{role, content}]), its text_hash, or None
+    choices: tuple[ChoiceRecord, ...] = field(default_factory=tuple)
+
+    @property
+    def refusal(self) -> RefusalRecord | None:
+        """The first refused choice's refusal (the request is refused if any choice was)."""
+        return next((c.refusal for c in self.choices if c.refusal is not None), None)
+
+    @property
+    def fail_opens(self) -> int:
+        """Filter checks that failed and let the request pass (on_error: allow)."""
+        return sum(1 for c in self.choices for s in c.steps if s.detail.get("fail_open"))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(c.prompt_tokens for c in self.choices)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.choices)
+
+    def to_json(self) -> bytes:
+        # repr() for anything a step put in its detail that JSON cannot hold.
+        return orjson.dumps(self, default=repr, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> AuditRecord:
+        return cls.from_dict(orjson.loads(data))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditRecord:
+        choices = tuple(
+            ChoiceRecord(
+                **{
+                    **choice,
+                    "refusal": RefusalRecord(**choice["refusal"]) if choice["refusal"] else None,
+                    "steps": tuple(StepDecision(**step) for step in choice["steps"]),
+                }
+            )
+            for choice in data["choices"]
+        )
+        return cls(**{**data, "choices": choices})
+
+
+def text_hash(value: str | list[dict[str, str]]) -> str:
+    """SHA-256 (hex) of a text, or of a conversation as compact JSON ([{"role": ..., "content": ...}]).
+
+    Plain, not salted or keyed: anyone holding a text can check whether it was sent, and identical
+    prompts hash alike (counting, deduplicating preference data). The price: a short or guessable
+    text can be found by hashing candidates, so `hashed` is not anonymity; `none` keeps nothing.
+    """
+    data = value.encode() if isinstance(value, str) else orjson.dumps(value)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _kept(value: Any, mode: TextMode) -> Any:
+    if value is None or mode == "none":
+        return None
+    return value if mode == "full" else text_hash(value)
+
+
+def _input_of(request: GenerateInput) -> str | list[dict[str, str]]:
+    if request.messages is not None:
+        return [_message(m) for m in request.messages]
+    return request.prompt or ""
+
+
+def _message(message: Message) -> dict[str, str]:
+    return {"role": message.role, "content": message.content}
+
+
+def _decision(entry: TraceEntry, mode: TextMode) -> StepDecision:
+    detail = entry.detail
+    if not TEXT_DETAIL_KEYS.isdisjoint(detail):
+        detail = {key: _kept(value, mode) if key in TEXT_DETAIL_KEYS else value for key, value in detail.items()}
+    return StepDecision(entry.step, entry.type, entry.phase, entry.duration_seconds, detail)
+
+
+def _choice(result: GenerateResult, mode: TextMode) -> ChoiceRecord:
+    refusal = result.refusal
+    return ChoiceRecord(
+        finish_reason=result.finish_reason,
+        refusal=RefusalRecord(refusal.stage, refusal.step, refusal.rule, refusal.reason) if refusal is not None else None,
+        steps=tuple(_decision(entry, mode) for entry in result.trace),
+        output=_kept(result.text, mode),
+        upstream_seconds=result.upstream_seconds,
+        prompt_tokens=result.usage.prompt_tokens,
+        completion_tokens=result.usage.completion_tokens,
+    )
+
+
+def record_of(finished: Finished) -> AuditRecord:
+    mode = finished.text
+    return AuditRecord(
+        request_id=finished.request.request_id,
+        time=finished.time,
+        rpc=finished.rpc,
+        tenant=finished.tenant,
+        policy=finished.policy,
+        policy_version=finished.policy_version,
+        model=finished.model,
+        outcome=finished.outcome,
+        status=finished.status,
+        error=finished.error,
+        seconds=finished.seconds,
+        text=mode,
+        input=_kept(_input_of(finished.request), mode),
+        choices=tuple(_choice(result, mode) for result in finished.results),
+    )

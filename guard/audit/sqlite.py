@@ -1,0 +1,323 @@
+"""The SQLite audit store: one file, written by one thread, read by anyone.
+
+Requests never wait for it: `submit` puts the finished request on a bounded queue (a full queue
+drops it and counts it), and a dedicated writer thread builds the records and inserts them in
+batches, one transaction per batch. WAL mode lets the CLI (or another worker process) read while
+guard writes; synchronous=NORMAL skips the fsync per commit, so a power cut may lose the last
+moments of records but never corrupts the file. The writer also applies retention every
+`retention_seconds`: records older than `max_age_seconds`, then the oldest ones until the rows in
+use fit `max_bytes` (down to 90% of it, so a full store is not trimmed a few rows at a time);
+freed pages go back to the file system (auto_vacuum=INCREMENTAL).
+
+Several processes (`guard serve --workers N`) may share one file: SQLite serialises their write
+transactions, each waits up to BUSY_TIMEOUT_SECONDS for the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from guard.audit.record import AuditRecord, Finished, record_of
+from guard.audit.store import AuditObserver, AuditQuery, DailyCount, Retained, Unobserved
+
+log = logging.getLogger(__name__)
+
+# Bumped with every change to the tables (a feedback table beside `audit` will be version 2).
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    request_id TEXT NOT NULL,
+    rpc TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    status TEXT NOT NULL,
+    step TEXT NOT NULL,     -- the step and rule that refused; "" unless refused
+    rule TEXT NOT NULL,
+    fail_opens INTEGER NOT NULL,
+    record TEXT NOT NULL    -- the AuditRecord as JSON
+);
+CREATE INDEX IF NOT EXISTS audit_time ON audit (time);
+CREATE INDEX IF NOT EXISTS audit_request_id ON audit (request_id);
+CREATE INDEX IF NOT EXISTS audit_policy_time ON audit (policy, time);
+"""
+INSERT = (
+    "INSERT INTO audit (time, request_id, rpc, tenant, policy, outcome, status, step, rule, fail_opens, record) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+BUSY_TIMEOUT_SECONDS = 5.0
+# Below what one vCPU writes in a second (see the README's audit numbers): a burst this long is absorbed.
+QUEUE_RECORDS = 10_000
+BATCH_RECORDS = 500
+RETENTION_SECONDS = 60.0
+# Size retention trims to this fraction of max_bytes.
+SIZE_TRIM_TO = 0.9
+_STOP = object()
+
+
+class SQLiteAuditStore:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_age_seconds: float = 0.0,  # 0: no age limit
+        max_bytes: int = 0,  # 0: no size limit
+        queue_records: int = QUEUE_RECORDS,
+        batch_records: int = BATCH_RECORDS,
+        retention_seconds: float = RETENTION_SECONDS,
+        observer: AuditObserver | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.max_age_seconds = max_age_seconds
+        self.max_bytes = max_bytes
+        self.batch_records = batch_records
+        self.retention_seconds = retention_seconds
+        self.observer = observer or Unobserved()
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_records)
+        self._writer: threading.Thread | None = None
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Creates the file and tables if needed; RuntimeError (here, not in the thread) if it cannot."""
+        connection = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            connection = self._connect(check_same_thread=False)  # handed to the writer thread, used only there
+            _create(connection)
+        except BaseException as exc:
+            if connection is not None:
+                connection.close()
+            if isinstance(exc, (OSError, sqlite3.Error)):
+                raise RuntimeError(f"audit database {self.path}: {exc}") from exc
+            raise
+        self._writer = threading.Thread(target=self._write_loop, args=(connection,), name="audit-writer", daemon=True)
+        self._writer.start()
+
+    def submit(self, finished: Finished) -> None:
+        try:
+            self._queue.put_nowait(finished)
+        except queue.Full:
+            self.observer.dropped("queue_full", 1)
+
+    def flush(self) -> None:
+        self._queue.join()
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._queue.put(_STOP)  # waits for room: the writer is draining
+        self._writer.join()
+        self._writer = None
+
+    def _write_loop(self, connection: sqlite3.Connection) -> None:
+        next_retention = time.monotonic()
+        try:
+            while True:
+                if time.monotonic() >= next_retention:
+                    self._retain_logged(connection)
+                    next_retention = time.monotonic() + self.retention_seconds
+                try:
+                    first = self._queue.get(timeout=max(next_retention - time.monotonic(), 0.0))
+                except queue.Empty:
+                    continue
+                batch = [first]
+                while len(batch) < self.batch_records:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stopping = _STOP in batch
+                self._write([item for item in batch if item is not _STOP], connection)
+                for _ in batch:
+                    self._queue.task_done()
+                self.observer.queued(self._queue.qsize())
+                if stopping:
+                    return
+        finally:
+            connection.close()
+
+    def _write(self, batch: list[Finished], connection: sqlite3.Connection) -> None:
+        rows = []
+        for finished in batch:
+            try:
+                rows.append(_row(record_of(finished)))
+            except Exception:  # noqa: BLE001 - one odd request must not stop the writer
+                log.exception("audit: cannot build the record of request %r", finished.request.request_id)
+                self.observer.dropped("error", 1)
+        if not rows:
+            return
+        try:
+            with connection:
+                connection.executemany(INSERT, rows)
+        except sqlite3.Error as exc:
+            log.warning("audit: %d records not written to %s: %s", len(rows), self.path, exc)
+            self.observer.dropped("error", len(rows))
+            return
+        self.observer.written(len(rows))
+
+    # --- retention ---------------------------------------------------------------------------
+
+    def retain(self, now: float | None = None) -> Retained:
+        connection = self._connect()
+        try:
+            return self._retain(connection, time.time() if now is None else now)
+        finally:
+            connection.close()
+
+    def _retain_logged(self, connection: sqlite3.Connection) -> None:
+        try:
+            retained = self._retain(connection, time.time())
+        except sqlite3.Error as exc:
+            log.warning("audit: retention on %s failed: %s", self.path, exc)
+            return
+        if retained.by_age or retained.by_size:
+            log.info("audit: retention deleted %d records by age, %d by size", retained.by_age, retained.by_size)
+
+    def _retain(self, connection: sqlite3.Connection, now: float) -> Retained:
+        by_age = by_size = 0
+        if self.max_age_seconds:
+            with connection:
+                by_age = connection.execute("DELETE FROM audit WHERE time < ?", (now - self.max_age_seconds,)).rowcount
+        if self.max_bytes:
+            # Pages are not rows: each pass deletes the estimated share of rows, a few passes converge.
+            for _ in range(8):
+                used = _used_bytes(connection)
+                if used <= self.max_bytes:
+                    break
+                (rows,) = connection.execute("SELECT count(*) FROM audit").fetchone()
+                if not rows:
+                    break
+                excess = math.ceil(rows * (used - SIZE_TRIM_TO * self.max_bytes) / used)
+                with connection:
+                    by_size += connection.execute(
+                        "DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id LIMIT ?)", (excess,)
+                    ).rowcount
+        if by_age or by_size:
+            connection.execute("PRAGMA incremental_vacuum")
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.observer.deleted("age", by_age)
+            self.observer.deleted("size", by_size)
+        return Retained(by_age=by_age, by_size=by_size)
+
+    def used_bytes(self) -> int:
+        """Bytes of the database in use (free pages not counted)."""
+        connection = self._connect()
+        try:
+            return _used_bytes(connection)
+        finally:
+            connection.close()
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def query(self, query: AuditQuery) -> Iterator[AuditRecord]:
+        where, params = _where(query)
+        order = "DESC" if query.newest_first else "ASC"
+        sql = f"SELECT record FROM audit{where} ORDER BY time {order}, id {order}"
+        if query.limit is not None:
+            sql += " LIMIT ?"
+            params.append(query.limit)
+        connection = self._reader()
+        try:
+            for (record,) in connection.execute(sql, params):
+                yield AuditRecord.from_json(record)
+        finally:
+            connection.close()
+
+    def daily_counts(self, since: float, until: float | None = None) -> list[DailyCount]:
+        where, params = _where(AuditQuery(since=since, until=until))
+        connection = self._reader()
+        try:
+            rows = connection.execute(
+                "SELECT strftime('%Y-%m-%d', time, 'unixepoch') AS day, policy, outcome, step, rule, count(*), "
+                f"sum(fail_opens) FROM audit{where} GROUP BY day, policy, outcome, step, rule "
+                "ORDER BY day, policy, outcome, step, rule",
+                params,
+            ).fetchall()
+        finally:
+            connection.close()
+        return [DailyCount(*row) for row in rows]
+
+    def _reader(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            raise FileNotFoundError(f"no audit database at {self.path}")
+        connection = self._connect()
+        (version,) = connection.execute("PRAGMA user_version").fetchone()
+        if version != SCHEMA_VERSION:
+            connection.close()
+            raise RuntimeError(f"{self.path}: audit schema version {version}, this guard reads {SCHEMA_VERSION}")
+        return connection
+
+    def _connect(self, *, check_same_thread: bool = True) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=check_same_thread)
+
+
+def _create(connection: sqlite3.Connection) -> None:
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"audit database written by a newer guard (schema {version}, this one knows {SCHEMA_VERSION})")
+    # Only takes effect before the first table exists: set on a new file, a no-op later.
+    connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("PRAGMA synchronous = NORMAL")
+    with connection:
+        connection.executescript(SCHEMA)
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _row(record: AuditRecord) -> tuple:
+    refusal = record.refusal
+    return (
+        record.time,
+        record.request_id,
+        record.rpc,
+        record.tenant,
+        record.policy,
+        record.outcome,
+        record.status,
+        refusal.step if refusal is not None else "",
+        refusal.rule if refusal is not None else "",
+        record.fail_opens,
+        record.to_json().decode(),
+    )
+
+
+def _used_bytes(connection: sqlite3.Connection) -> int:
+    (pages,) = connection.execute("PRAGMA page_count").fetchone()
+    (free,) = connection.execute("PRAGMA freelist_count").fetchone()
+    (size,) = connection.execute("PRAGMA page_size").fetchone()
+    return (pages - free) * size
+
+
+def _where(query: AuditQuery) -> tuple[str, list]:
+    clauses: list[str] = []
+    params: list = []
+    for column, value in (
+        ("policy", query.policy),
+        ("rule", query.rule),
+        ("outcome", query.outcome),
+        ("status", query.status),
+        ("request_id", query.request_id),
+        ("tenant", query.tenant),
+    ):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if query.since is not None:
+        clauses.append("time >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        clauses.append("time < ?")
+        params.append(query.until)
+    if query.fail_open is not None:
+        clauses.append("fail_opens > 0" if query.fail_open else "fail_opens = 0")
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
