@@ -1,8 +1,10 @@
-"""The `guard` command: serve, ask, health, policy check|schema, keys new|hash|check, filter train, model prepare."""
+"""The `guard` command: serve, ask, health, policy check|schema, keys new|hash|check, filter train, model prepare,
+audit query|summary|export."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -40,6 +42,9 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         torch_threads=args.torch_threads,
         workers=args.workers,
+        audit_db=args.audit_db,
+        audit_max_age_days=args.audit_max_age_days,
+        audit_max_megabytes=args.audit_max_megabytes,
     )
     # Workers share the log: each line says whose it is.
     index = workers.worker_index()
@@ -260,6 +265,87 @@ def _keys_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_command(command):
+    """A `guard audit` command whose expected failures (no database, a bad --since) print one line and exit 1."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _audit_store(args: argparse.Namespace):
+    from guard.audit import SQLiteAuditStore
+
+    if not args.db:
+        raise ValueError("no audit database: pass --db PATH (or set GUARD_AUDIT_DB)")
+    return SQLiteAuditStore(Path(args.db))
+
+
+def _audit_query_of(args: argparse.Namespace, **fields):
+    from guard.audit import AuditQuery
+    from guard.audit.report import parse_time
+
+    return AuditQuery(
+        since=parse_time(args.since) if args.since else None,
+        until=parse_time(args.until) if args.until else None,
+        **fields,
+    )
+
+
+@_audit_command
+def _audit_query(args: argparse.Namespace) -> int:
+    from guard.audit.report import print_records, write_jsonl
+
+    query = _audit_query_of(
+        args,
+        policy=args.policy,
+        rule=args.rule,
+        outcome=args.outcome,
+        status=args.status,
+        request_id=args.request_id,
+        tenant=args.tenant,
+        limit=args.limit,
+    )
+    records = _audit_store(args).query(query)
+    if args.json:
+        write_jsonl(records, sys.stdout.buffer)
+    else:
+        print_records(records, sys.stdout)
+    return 0
+
+
+@_audit_command
+def _audit_summary(args: argparse.Namespace) -> int:
+    from guard.audit.report import parse_time, plot_summary, print_summary, summarize
+
+    summary = summarize(_audit_store(args), parse_time(args.since), parse_time(args.until) if args.until else None)
+    print_summary(summary, sys.stdout)
+    if args.png:
+        plot_summary(summary, Path(args.png))
+        print(f"\nwrote {args.png}")
+    return 0
+
+
+@_audit_command
+def _audit_export(args: argparse.Namespace) -> int:
+    from guard.audit.report import write_jsonl
+
+    records = _audit_store(args).query(_audit_query_of(args, newest_first=False))
+    if args.jsonl == "-":
+        count = write_jsonl(records, sys.stdout.buffer)
+    else:
+        with open(args.jsonl, "wb") as out:
+            count = write_jsonl(records, out)
+    print(f"exported {count} records", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard", description="Inference-time alignment proxy in front of vLLM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -294,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, help="processes sharing the gRPC and HTTP ports, under a supervisor that serves /metrics [GUARD_WORKERS, 1]"
     )
+    serve.add_argument("--audit-db", type=Path, help="audit log: SQLite file, one record per request [GUARD_AUDIT_DB; unset: off]")
+    serve.add_argument("--audit-max-age-days", type=float, help="delete audit records older than this, 0 = keep [30]")
+    serve.add_argument("--audit-max-megabytes", type=int, help="delete the oldest audit records beyond this size, 0 = no limit [1024]")
     serve.set_defaults(func=_serve)
 
     ask = commands.add_parser("ask", help="send one prompt through guard")
@@ -357,6 +446,35 @@ def build_parser() -> argparse.ArgumentParser:
     check = keys.add_parser("check", help="validate an API key file (exit 1 on error: file:line: path: reason)")
     check.add_argument("file")
     check.set_defaults(func=_keys_check)
+
+    audit = commands.add_parser("audit", help="read the audit log (guard serve --audit-db)").add_subparsers(
+        dest="audit_command", required=True
+    )
+    since_help = "from this long ago (30m, 1h, 7d) or this ISO date/time (UTC)"
+    query = audit.add_parser("query", help="records matching every filter given, newest first")
+    query.add_argument("--since", help=since_help)
+    query.add_argument("--until", help="up to (ages or dates, as --since)")
+    query.add_argument("--policy")
+    query.add_argument("--rule", help="the rule that refused")
+    query.add_argument("--outcome", choices=["ok", "refused", "error"])
+    query.add_argument("--status", help="gRPC status name of a failure: CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE, ...")
+    query.add_argument("--request-id")
+    query.add_argument("--tenant")
+    query.add_argument("--limit", type=int, default=50, help="[50]")
+    query.add_argument("--json", action="store_true", help="whole records, one JSON object per line")
+    query.set_defaults(func=_audit_query)
+    summary = audit.add_parser("summary", help="refusal rates by policy and rule per day, top rules, fail-open events")
+    summary.add_argument("--since", default="7d", help=since_help + " [7d]")
+    summary.add_argument("--until", help="up to (ages or dates, as --since)")
+    summary.add_argument("--png", help="also plot the refusal rates to this PNG file")
+    summary.set_defaults(func=_audit_summary)
+    export = audit.add_parser("export", help="every record (oldest first) as JSON lines")
+    export.add_argument("--jsonl", required=True, help="output file, - for stdout")
+    export.add_argument("--since", help=since_help)
+    export.add_argument("--until", help="up to (ages or dates, as --since)")
+    export.set_defaults(func=_audit_export)
+    for command in (query, summary, export):
+        command.add_argument("--db", default=os.environ.get("GUARD_AUDIT_DB"), help="the audit database [GUARD_AUDIT_DB]")
 
     model = commands.add_parser("model", help="manage the bundled default model").add_subparsers(dest="model_command", required=True)
     prepare = model.add_parser("prepare", help="convert the bundled Gemma 3 270M GGUF for vLLM (cached)")

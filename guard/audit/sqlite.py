@@ -203,19 +203,12 @@ class SQLiteAuditStore:
                         "DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY id LIMIT ?)", (excess,)
                     ).rowcount
         if by_age or by_size:
-            connection.execute("PRAGMA incremental_vacuum")
+            # It frees one page per step; executescript steps it to the end (execute would stop after one).
+            connection.executescript("PRAGMA incremental_vacuum")
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.observer.deleted("age", by_age)
             self.observer.deleted("size", by_size)
         return Retained(by_age=by_age, by_size=by_size)
-
-    def used_bytes(self) -> int:
-        """Bytes of the database in use (free pages not counted)."""
-        connection = self._connect()
-        try:
-            return _used_bytes(connection)
-        finally:
-            connection.close()
 
     # --- reading -----------------------------------------------------------------------------
 
