@@ -54,6 +54,7 @@ class GuardApp:
             build=self.pipelines.build,
         )
         self.store.on_reload(self._count_reload)
+        self.store.on_reload(lambda result, file: self._retain_rewards())
         self.access = AccessControl(
             settings.api_keys, allow_policies=settings.allow_policies, poll_interval=settings.poll_seconds
         )
@@ -104,6 +105,12 @@ class GuardApp:
         self._health_task: asyncio.Task | None = None
         self._metrics_server = None
 
+    def _retain_rewards(self) -> None:
+        """Reward models load (in the background) when a policy naming them loads, and unload with the last one."""
+        self.reranker.retain(
+            step.reward for loaded in self.store.list() for step in loaded.policy.steps if step.type == "best_of_n"
+        )
+
     def _count_reload(self, result: str, file: str) -> None:
         metrics.POLICY_RELOADS.labels(result=result).inc()
         metrics.POLICIES_LOADED.set(len(self.store.list()))
@@ -111,6 +118,7 @@ class GuardApp:
     async def start(self) -> int:
         self.store.reload_now()
         metrics.POLICIES_LOADED.set(len(self.store.list()))
+        self._retain_rewards()
         await self.store.start()
         await self.access.start()
         if self.audit is not None:

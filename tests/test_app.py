@@ -184,3 +184,22 @@ def test_a_taken_port_is_a_clear_startup_error(tmp_path, fault):
     assert code == 1, log
     assert f"cannot start: cannot bind HTTP port 127.0.0.1:{port}" in log
     assert "Traceback" not in log and "never awaited" not in log
+
+
+async def test_reward_models_follow_the_policies_that_name_them(tmp_path, fault, tiny_reward_dir):
+    from guard.policy.reward import SequenceClassifierReward
+
+    reward = SequenceClassifierReward(type="sequence_classifier", path=str(tiny_reward_dir))
+    ranked = tmp_path / "ranked.yaml"
+    ranked.write_text(f"name: ranked\nsteps: [{{type: best_of_n, n: 2, reward: {{type: sequence_classifier, path: '{reward.path}'}}}}]\n")
+    app = await start(tmp_path, fault)
+    try:
+        await app.reranker.settled()
+        assert app.reranker.is_loaded(reward)  # loaded with its policy, before any best-of-n request
+        ranked.unlink()
+        app.store.reload_now()
+        await app.reranker.settled()
+        assert not app.reranker.is_loaded(reward)  # and unloaded with it
+        assert app.serving
+    finally:
+        await app.stop(grace=1)

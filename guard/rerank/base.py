@@ -33,6 +33,9 @@ class RewardSource(ABC):
     async def score(self, request: ScoreRequest, *, timeout: float | None = None) -> list[float]:
         """One score per candidate, higher is better. Raises RerankError."""
 
+    def warm(self) -> None:  # noqa: B027 - optional hook
+        """Runs once after loading, on the scoring thread, before the source takes requests."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections, threads and models."""
 

@@ -129,9 +129,15 @@ class LocalSource(RewardSource, Generic[P]):
     Both run on the runtime's threads, never on the event loop.
     """
 
+    # How long close() lets requests already scoring finish.
+    CLOSE_GRACE_SECONDS = 30.0
+
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._batcher: Batcher[P] = Batcher(self.score_batch, runtime)
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @abstractmethod
     def prepare(self, request: ScoreRequest) -> P:
@@ -148,6 +154,8 @@ class LocalSource(RewardSource, Generic[P]):
     async def score(self, request: ScoreRequest, *, timeout: float | None = None) -> list[float]:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
+        self._in_flight += 1
+        self._idle.clear()
         try:
             async with asyncio.timeout(timeout):
                 prepared = await loop.run_in_executor(self.runtime.prep, self.prepare, request)
@@ -158,8 +166,21 @@ class LocalSource(RewardSource, Generic[P]):
             raise RerankError(f"{self.kind}: no score within {timeout:.3g}s") from None
         except Exception as exc:
             raise RerankError(f"{self.kind}: {exc!r}") from exc
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
         self.runtime.observer.scored(self.kind, len(request.candidates), time.perf_counter() - started)
         return scores
 
+    def warm(self) -> None:
+        """One pass over a made-up request on the worker, so the first real one finds kernels and memory ready."""
+        self.score_batch([self.prepare(ScoreRequest("Hello?", ("Hi there.", "Hello! How can I help you today?")))])
+
     async def close(self) -> None:
+        """Lets requests already scoring finish (an older policy version's, after a reload), then stops."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.CLOSE_GRACE_SECONDS)
+        except TimeoutError:
+            pass  # the batcher fails whatever is still queued
         await self._batcher.close()

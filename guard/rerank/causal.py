@@ -1,28 +1,58 @@
 """Final hidden states of decoder-only models for many sequences, with shared prefixes.
 
 Best-of-n candidates of one request are the same prompt followed by different
-replies. Each request's longest common token prefix runs through the model
-once; its KV cache is then reused while the candidates' remaining tokens run as
-a batch of suffixes. Suffixes of different requests share a batch: each row
-carries its own request's prefix KV, right-padded to the longest prefix in the
-batch and masked, so one forward pass serves many requests.
+replies. Each request's longest common token prefix runs through the model once
+(the prefix pass); the candidates' remaining tokens then run as one batch of
+suffixes (the suffix pass) whose attention reads that prefix's keys and values.
+Suffixes of different requests share the suffix pass, so one pass serves many
+requests.
 
-Padding is bounded by sorting rows by length and cutting batches at a token
-budget (rows x padded length). The attention mask is built here, 4-D, from
-each token's true position, so prefix padding, suffix padding, causality and
-sliding windows are all explicit; transformers passes a 4-D mask through as is.
+Attention is guard's own function, registered with transformers' attention
+interface, so the model's layers, norms and rotary embeddings stay the stock
+code while the attention is flash-friendly:
+  - rows are right-padded, so plain causal attention (SDPA `is_causal`, no mask
+    tensor) is exact for every real token: a real query never sees a pad key;
+  - a suffix attends its own request's prefix KV, expanded as a view and joined
+    to its keys, under lower-right causal alignment (`causal_lower_right`), one
+    SDPA call per request and layer, never per row;
+  - only sliding windows shorter than the sequence and attention-logit soft-capping
+    need an explicit mask (built per call from positions; the same for every row).
+No attention mask is built by transformers for these passes and no KV is copied
+per row.
+
+`strategy` chooses how a batch of requests runs: "shared" always shares
+prefixes; "whole" runs every sequence in full in one causal pass (the plain
+padded batch); "auto" (default) shares only when the prefix pass's fixed cost is
+smaller than the compute it saves, from a cost model measured on the device by
+`calibrate()`. Small models on a GPU are bound by kernel launches, not FLOPs: a
+second pass can cost more than the prompt tokens it saves.
+
 Results equal scoring each full sequence alone (to float rounding).
 """
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, kv_heads, tokens, head_dim]
+Strategy = Literal["auto", "shared", "whole"]
+KV = tuple[torch.Tensor, torch.Tensor]  # keys, values [rows, kv_heads, tokens, head_dim]
+
+ATTENTION = "guard_shared_prefix"
+# Passed as the attention mask of planned passes: a 4-D tensor transformers hands through as is,
+# so it builds no mask of its own (the plan says what each query sees).
+_NO_MASK = torch.empty(0, 0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -31,17 +61,88 @@ class Seq:
     read: list[int]  # positions whose final hidden states the caller needs
 
 
-@dataclass
-class _Prefix:
-    hidden: torch.Tensor  # [tokens, hidden]
-    kv: KV
+@dataclass(frozen=True)
+class _Group:
+    """Consecutive rows of a suffix pass that continue one prefix."""
+
+    start: int
+    stop: int
+    prefix: tuple[int, int] | None  # the prefix's (prefix batch, row), or None
+    prefix_len: int
 
 
 @dataclass
-class _Row:
-    ids: list[int]
-    past: _Prefix | None
-    offset: int  # position of ids[0]: the prefix length
+class _Plan:
+    """What attention does in one forward pass, for every layer."""
+
+    groups: list[_Group] | None = None  # suffix pass; None: a causal pass over whole rows
+    prefix_kv: list[dict[int, KV]] | None = None  # suffix pass: each prefix batch's keys/values by layer
+    keep_kv: dict[int, KV] | None = None  # prefix pass: where to leave keys/values by layer
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    plan: _Plan | None = kwargs.pop("guard_plan", None)
+    if plan is None:
+        # Ordinary calls of the same model (generate, a plain forward) keep SDPA semantics.
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    softcap = kwargs.get("softcap")
+    if plan.groups is None:
+        if plan.keep_kv is not None:
+            plan.keep_kv[module.layer_idx] = (key, value)
+        out = _attend(query, key, value, 0, scaling, window, softcap)
+    else:
+        assert plan.prefix_kv is not None
+        parts = []
+        for group in plan.groups:
+            rows = slice(group.start, group.stop)
+            keys, values = key[rows], value[rows]
+            if group.prefix is not None:
+                batch, row = group.prefix
+                prefix_keys, prefix_values = plan.prefix_kv[batch][module.layer_idx]
+                shape = (group.stop - group.start, -1, -1, -1)
+                # The prefix is computed once; each row reads it through an expanded view.
+                keys = torch.cat([prefix_keys[row : row + 1, :, : group.prefix_len].expand(shape), keys], dim=2)
+                values = torch.cat([prefix_values[row : row + 1, :, : group.prefix_len].expand(shape), values], dim=2)
+            parts.append(_attend(query[rows], keys, values, group.prefix_len, scaling, window, softcap))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(query, key, value, prefix_len: int, scale, window: int | None, softcap: float | None) -> torch.Tensor:
+    """Causal attention of right-padded queries at positions prefix_len.. over keys at 0..; [B, H, S, D]."""
+    queries, keys = query.shape[2], key.shape[2]
+    gqa = query.shape[1] != key.shape[1]
+    if softcap is None and (window is None or window >= keys):
+        if prefix_len == 0:
+            return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa)
+        bias = causal_lower_right(queries, keys)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale, enable_gqa=gqa)
+    q_pos = torch.arange(prefix_len, prefix_len + queries, device=query.device)[:, None]
+    k_pos = torch.arange(keys, device=query.device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= q_pos - k_pos < window
+    if softcap is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    if gqa:
+        repeat = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    scores = (query @ key.transpose(-1, -2)) * (scale if scale is not None else query.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores.float(), dim=-1).to(query.dtype) @ value
+
+
+_registered = threading.Lock()
+
+
+def _register() -> None:
+    with _registered:
+        if ATTENTION not in AttentionInterface._global_mapping:
+            AttentionInterface.register(ATTENTION, _attention)
+            # Unplanned calls get the padding/causal masks SDPA would get.
+            AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def length_buckets(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -73,6 +174,32 @@ def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     return limit
 
 
+@dataclass
+class CostModel:
+    """Seconds a forward pass takes: a fixed part (kernel launches, Python) plus a part per token."""
+
+    per_pass: float = 0.0
+    per_token: float = 1.0
+
+    def passes(self, lengths: Sequence[int], budget: int) -> float:
+        return sum(self.per_pass + self.per_token * len(b) * max(lengths[i] for i in b) for b in length_buckets(lengths, budget))
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    offset: int  # position of ids[0]: its prefix's length
+    prefix: tuple[int, int] | None = None  # its prefix's (prefix batch, row)
+    owner: tuple[int, int] = (-1, -1)  # (group, sequence) it belongs to
+
+
+@dataclass
+class _Prefixes:
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> [tokens, hidden]
+    rows: dict[int, tuple[int, int]] = field(default_factory=dict)  # group -> (prefix batch, row)
+    kv: list[dict[int, KV]] = field(default_factory=list)  # per prefix batch: layer -> keys/values
+
+
 class CausalHidden:
     """Runs a decoder's base model (no head) over sequences grouped by request."""
 
@@ -81,53 +208,57 @@ class CausalHidden:
         base: PreTrainedModel,
         *,
         max_batch_tokens: int,
-        share_prefix: bool = True,
+        strategy: Strategy = "auto",
         on_batch: Callable[[int], None] = lambda rows: None,
     ) -> None:
+        _register()
         self.base = base
         self.config = base.config.get_text_config()
         self.max_batch_tokens = max_batch_tokens
-        self.share_prefix = share_prefix
+        self.strategy = strategy
         self.on_batch = on_batch
         self.device = next(base.parameters()).device
-        self.dtype = next(base.parameters()).dtype
-        layer_types = getattr(self.config, "layer_types", None)
-        window = getattr(self.config, "sliding_window", None)
-        if layer_types is not None:
-            # Mixed layers (Gemma 3): transformers takes one mask per layer type.
-            self._mask_kinds = {kind: window if kind == "sliding_attention" else None for kind in set(layer_types)}
-        else:
-            # One mask for every layer; windowed when the model slides (Mistral).
-            self._mask_kinds = {None: window}
+        # Until calibrated, sharing always wins: it never does more arithmetic than a whole pass.
+        self.cost = CostModel()
+        base.set_attn_implementation(ATTENTION)
+
+    @torch.inference_mode()
+    def calibrate(self, tokens: int = 512) -> CostModel:
+        """Measures the cost model on this device (a pass of a few tokens, and one of `tokens`); also warms kernels."""
+        limit = getattr(self.config, "max_position_embeddings", None) or tokens
+        tokens = max(16, min(tokens, limit, self.max_batch_tokens))
+
+        def seconds(length: int) -> float:
+            rows = [_Row([1] * length, 0)]
+            best = math.inf
+            for _ in range(3):  # the first run also pays for allocation and kernel selection
+                started = time.perf_counter()
+                self._forward(rows, _Plan())
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                best = min(best, time.perf_counter() - started)
+            return best
+
+        short, long = seconds(8), seconds(tokens)
+        per_token = max(long - short, 1e-9) / (tokens - 8)
+        self.cost = CostModel(per_pass=max(short - 8 * per_token, 0.0), per_token=per_token)
+        return self.cost
 
     @torch.inference_mode()
     def hidden(self, groups: Sequence[Sequence[Seq]]) -> list[list[torch.Tensor]]:
         """For each group (request) and sequence: the final hidden states at `seq.read`, [len(read), hidden]."""
-        shared = [common_prefix_len([s.ids for s in group]) if self.share_prefix and len(group) > 1 else 0 for group in groups]
-        prefixes: dict[int, _Prefix] = {}
-        with_prefix = [g for g, length in enumerate(shared) if length > 0]
-        prefix_rows = [_Row(groups[g][0].ids[: shared[g]], None, 0) for g in with_prefix]
-        for batch, hidden, kv in self._run(prefix_rows, keep_kv=True):
-            for b, row_index in enumerate(batch):
-                g = with_prefix[row_index]
-                length = shared[g]
-                # clone(): keep only this row's prefix alive, not the whole padded batch.
-                prefixes[g] = _Prefix(
-                    hidden[b, :length].clone(),
-                    [(k[b : b + 1, :, :length].clone(), v[b : b + 1, :, :length].clone()) for k, v in kv],
-                )
-
-        suffix_rows: list[_Row] = []
-        owners: list[tuple[int, int]] = []
-        for g, group in enumerate(groups):
-            for s, seq in enumerate(group):
-                if len(seq.ids) > shared[g]:
-                    suffix_rows.append(_Row(seq.ids[shared[g] :], prefixes.get(g), shared[g]))
-                    owners.append((g, s))
+        shared = self._shared_lengths(groups)
+        prefixes = self._prefix_pass(groups, shared)
+        suffix_rows = [
+            _Row(seq.ids[shared[g] :], shared[g], prefixes.rows.get(g), (g, s))
+            for g, group in enumerate(groups)
+            for s, seq in enumerate(group)
+            if len(seq.ids) > shared[g]
+        ]
         suffix_hidden: dict[tuple[int, int], torch.Tensor] = {}
-        for batch, hidden, _ in self._run(suffix_rows, keep_kv=False):
-            for b, row_index in enumerate(batch):
-                suffix_hidden[owners[row_index]] = hidden[b]
+        for batch, hidden in self._run(suffix_rows, prefixes.kv):
+            for b, row in enumerate(batch):
+                suffix_hidden[row.owner] = hidden[b]
 
         results: list[list[torch.Tensor]] = []
         for g, group in enumerate(groups):
@@ -135,85 +266,66 @@ class CausalHidden:
             outputs = []
             for s, seq in enumerate(group):
                 rows = [
-                    prefixes[g].hidden[position] if position < length else suffix_hidden[(g, s)][position - length]
+                    prefixes.hidden[g][position] if position < length else suffix_hidden[(g, s)][position - length]
                     for position in seq.read
                 ]
                 outputs.append(torch.stack(rows) if rows else torch.empty(0, self.config.hidden_size))
             results.append(outputs)
         return results
 
-    def _run(self, rows: list[_Row], *, keep_kv: bool) -> Iterator[tuple[list[int], torch.Tensor, KV]]:
-        # Attention reads every prefix slot of the batch, so prefix padding costs too.
+    def _shared_lengths(self, groups: Sequence[Sequence[Seq]]) -> list[int]:
+        if self.strategy == "whole":
+            return [0] * len(groups)
+        shared = [common_prefix_len([s.ids for s in group]) if len(group) > 1 else 0 for group in groups]
+        if self.strategy == "shared" or not any(shared):
+            return shared
+        budget = self.max_batch_tokens
+        whole = [len(seq.ids) for group in groups for seq in group]
+        prefixes = [length for length in shared if length]
+        # Attending to a prefix's keys is left out: next to the layers' matmuls it is a small share.
+        suffixes = [len(seq.ids) - shared[g] for g, group in enumerate(groups) for seq in group if len(seq.ids) > shared[g]]
+        if self.cost.passes(prefixes, budget) + self.cost.passes(suffixes, budget) < self.cost.passes(whole, budget):
+            return shared
+        return [0] * len(groups)
+
+    def _prefix_pass(self, groups: Sequence[Sequence[Seq]], shared: list[int]) -> _Prefixes:
+        prefixes = _Prefixes()
+        owners = [g for g, length in enumerate(shared) if length]
+        if not owners:
+            return prefixes
+        for indices in length_buckets([shared[g] for g in owners], self.max_batch_tokens):
+            kv: dict[int, KV] = {}
+            hidden = self._forward([_Row(groups[owners[i]][0].ids[: shared[owners[i]]], 0) for i in indices], _Plan(keep_kv=kv))
+            self.on_batch(len(indices))
+            for row, i in enumerate(indices):
+                g = owners[i]
+                prefixes.hidden[g] = hidden[row, : shared[g]]
+                prefixes.rows[g] = (len(prefixes.kv), row)
+            prefixes.kv.append(kv)
+        return prefixes
+
+    def _run(self, rows: list[_Row], prefix_kv: list[dict[int, KV]]) -> Iterator[tuple[list[_Row], torch.Tensor]]:
+        # Attention reads every prefix key, so a row's prefix counts toward the budget too.
         costs = [len(row.ids) + row.offset for row in rows]
-        for batch in length_buckets(costs, self.max_batch_tokens):
-            hidden, kv = self._forward([rows[i] for i in batch], keep_kv)
+        for indices in length_buckets(costs, self.max_batch_tokens):
+            # Rows of one request side by side: each request is one attention call per layer.
+            batch = sorted((rows[i] for i in indices), key=lambda row: (row.prefix or (-1, -1), row.offset))
+            groups: list[_Group] = []
+            for index, row in enumerate(batch):
+                if groups and groups[-1].prefix == row.prefix and groups[-1].prefix_len == row.offset:
+                    groups[-1] = _Group(groups[-1].start, index + 1, row.prefix, row.offset)
+                else:
+                    groups.append(_Group(index, index + 1, row.prefix, row.offset))
+            hidden = self._forward(batch, _Plan(groups=groups, prefix_kv=prefix_kv))
             self.on_batch(len(batch))
-            yield batch, hidden, kv
+            yield batch, hidden
 
-    def _forward(self, rows: list[_Row], keep_kv: bool) -> tuple[torch.Tensor, KV]:
+    def _forward(self, rows: list[_Row], plan: _Plan) -> torch.Tensor:
         device = self.device
-        batch = len(rows)
         width = max(len(row.ids) for row in rows)
-        past_width = max(row.offset for row in rows)
-        lengths = torch.tensor([len(row.ids) for row in rows], device=device)
+        # Right padding with token 0: a pad is never a key of a real query (causality), so its value never matters.
+        ids = torch.tensor([row.ids + [0] * (width - len(row.ids)) for row in rows], device=device)
         offsets = torch.tensor([row.offset for row in rows], device=device)
-        # Pad with token 0: every pad position is masked as a key, so its value never matters.
-        ids = torch.zeros(batch, width, dtype=torch.long, device=device)
-        for b, row in enumerate(rows):
-            ids[b, : len(row.ids)] = torch.tensor(row.ids, device=device)
-
-        steps = torch.arange(width, device=device)
-        query_pos = offsets[:, None] + steps[None, :]  # [B, S]
-        past_slots = torch.arange(past_width, device=device)
-        key_pos = torch.cat([past_slots[None, :].expand(batch, -1), query_pos], dim=1)  # [B, P + S]
-        key_valid = torch.cat([past_slots[None, :] < offsets[:, None], steps[None, :] < lengths[:, None]], dim=1)
-        masks = {
-            kind: self._mask(query_pos, key_pos, key_valid, past_width, window) for kind, window in self._mask_kinds.items()
-        }
-        attention_mask = masks[None] if None in masks else masks
-
-        cache = DynamicCache()
-        if past_width:
-            # Each row's own prefix, right-padded to the batch's longest; padded slots are masked above.
-            template = next(row.past for row in rows if row.past is not None)
-            layers = []
-            for layer, (template_k, template_v) in enumerate(template.kv):
-                keys = template_k.new_zeros(batch, template_k.shape[1], past_width, template_k.shape[3])
-                values = template_v.new_zeros(batch, template_v.shape[1], past_width, template_v.shape[3])
-                for b, row in enumerate(rows):
-                    if row.past is not None:
-                        keys[b, :, : row.offset] = row.past.kv[layer][0][0]
-                        values[b, :, : row.offset] = row.past.kv[layer][1][0]
-                layers.append((keys, values))
-            cache = DynamicCache(ddp_cache_data=layers)
-        out = self.base(
-            input_ids=ids,
-            attention_mask=attention_mask,
-            position_ids=query_pos,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        kv: KV = [(layer.keys, layer.values) for layer in cache.layers] if keep_kv else []
-        return out.last_hidden_state, kv
-
-    def _mask(
-        self,
-        query_pos: torch.Tensor,
-        key_pos: torch.Tensor,
-        key_valid: torch.Tensor,
-        past_width: int,
-        window: int | None,
-    ) -> torch.Tensor:
-        q = query_pos[:, :, None]
-        k = key_pos[:, None, :]
-        allowed = key_valid[:, None, :] & (k <= q)
-        if window is not None:
-            allowed &= q - k < window
-        # Every query also sees its own slot, so padded queries never get an all-masked row
-        # (softmax over nothing is NaN, and NaN values would leak through zero weights).
-        width = query_pos.shape[1]
-        own = torch.arange(width, device=q.device)
-        allowed[:, own, past_width + own] = True
-        additive = torch.zeros(allowed.shape, dtype=self.dtype, device=q.device)
-        additive.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        return additive[:, None]  # [B, 1, S, P + S]
+        positions = offsets[:, None] + torch.arange(width, device=device)[None, :]
+        out = self.base(input_ids=ids, attention_mask=_NO_MASK, position_ids=positions, use_cache=False, guard_plan=plan)
+        return out.last_hidden_state

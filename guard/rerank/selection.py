@@ -1,11 +1,13 @@
-"""Fused best-of-n selection over a ragged [requests x n] score set.
+"""Best-of-n selection over a ragged [requests x n] score set, on the CPU.
 
 Per row: subtract penalties, optionally z-score, then argmax, or sample from
 softmax(score / tau) via the Gumbel-max trick (argmax(score / tau + g) with
-g = -log(-log(u))), which is an exact softmax sample and, given the same
-uniforms, makes the same choice in every implementation. The uniforms come from
-the caller's seeded generator, so the Triton kernel (CUDA) and the torch
-fallback (CPU) pick identically.
+g = -log(-log(u))), which is an exact softmax sample. The uniforms come from
+the caller's seeded generator, so a request's seed reproduces its choice.
+
+It runs on the CPU on purpose: a request has at most a few dozen scores, and a
+GPU kernel (guard had a Triton one) costs a launch plus a device-to-host copy
+that waits for every forward pass queued before it, on the event loop.
 """
 
 from __future__ import annotations
@@ -14,12 +16,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-
-try:  # Triton ships with CUDA builds of torch; CPU-only installs run the fallback.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
 
 # Keeps an all-equal row finite under z-scoring (its scores all become 0).
 ZSCORE_EPS = 1e-6
@@ -61,7 +57,7 @@ def pack(
 
 
 def select_torch(packed: Packed, *, sample: bool, tau: float, zscore: bool) -> torch.Tensor:
-    """Chosen index per row (the reference implementation; same arithmetic order as the kernel)."""
+    """Chosen index per row."""
     scores, lengths = packed.scores, packed.lengths.to(packed.scores.device)
     valid = torch.arange(scores.shape[1], device=scores.device)[None, :] < lengths[:, None]
     x = torch.where(valid, scores - packed.penalties, 0.0)
@@ -77,62 +73,6 @@ def select_torch(packed: Packed, *, sample: bool, tau: float, zscore: bool) -> t
     return x.argmax(dim=1)
 
 
-if triton is not None:
-
-    @triton.jit
-    def _select_kernel(
-        scores_ptr,
-        penalties_ptr,
-        gumbel_ptr,
-        lengths_ptr,
-        out_ptr,
-        stride,
-        inv_tau,
-        eps,
-        ZSCORE: tl.constexpr,
-        SAMPLE: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        # One program per request; a row (n <= 64 candidates) fits one block.
-        row = tl.program_id(0)
-        n = tl.load(lengths_ptr + row)
-        cols = tl.arange(0, BLOCK)
-        valid = cols < n
-        offsets = row * stride + cols
-        x = tl.load(scores_ptr + offsets, mask=valid, other=0.0) - tl.load(penalties_ptr + offsets, mask=valid, other=0.0)
-        if ZSCORE:
-            count = n.to(tl.float32)
-            mean = tl.sum(x, axis=0) / count
-            centred = tl.where(valid, x - mean, 0.0)
-            var = tl.sum(centred * centred, axis=0) / count
-            x = (x - mean) / tl.sqrt(var + eps)
-        if SAMPLE:
-            x = x * inv_tau + tl.load(gumbel_ptr + offsets, mask=valid, other=0.0)
-        x = tl.where(valid, x, float("-inf"))
-        tl.store(out_ptr + row, tl.argmax(x, axis=0))
-
-
-def select_triton(packed: Packed, *, sample: bool, tau: float, zscore: bool) -> torch.Tensor:
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    rows, width = packed.scores.shape
-    out = torch.empty(rows, dtype=torch.int32, device=packed.scores.device)
-    _select_kernel[(rows,)](
-        packed.scores,
-        packed.penalties,
-        packed.gumbel,
-        packed.lengths,
-        out,
-        packed.scores.stride(0),
-        1.0 / tau,
-        ZSCORE_EPS,
-        ZSCORE=zscore,
-        SAMPLE=sample,
-        BLOCK=triton.next_power_of_2(width),
-    )
-    return out
-
-
 def select(
     scores: list[list[float]],
     penalties: list[list[float]] | None = None,
@@ -141,13 +81,8 @@ def select(
     tau: float = 1.0,
     normalize: Literal["none", "zscore"] = "none",
     generator: torch.Generator | None = None,
-    device: torch.device | None = None,
 ) -> list[int]:
-    """The chosen candidate index of each request. On a CUDA device with Triton, one kernel launch."""
+    """The chosen candidate index of each request."""
     sample = rule == "softmax"
     packed = pack(scores, penalties, sample=sample, generator=generator)
-    zscore = normalize == "zscore"
-    if device is not None and device.type == "cuda" and triton is not None:
-        on_device = Packed(*(t.to(device, non_blocking=True) for t in (packed.scores, packed.penalties, packed.gumbel, packed.lengths)))
-        return select_triton(on_device, sample=sample, tau=tau, zscore=zscore).tolist()
-    return select_torch(packed, sample=sample, tau=tau, zscore=zscore).tolist()
+    return select_torch(packed, sample=sample, tau=tau, zscore=normalize == "zscore").tolist()

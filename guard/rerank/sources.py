@@ -9,7 +9,6 @@ bf16 on GPU unless the Reranker says otherwise.
 from __future__ import annotations
 
 import copy
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,13 @@ from guard.policy.reward import EmbeddingReward, LMJudgeReward, SequenceClassifi
 from guard.rerank.base import Prompt, RerankError, ScoreRequest, plain_transcript, user_text
 from guard.rerank.batching import LocalSource, Runtime
 from guard.rerank.causal import CausalHidden, Seq, length_buckets
+
+
+def _calibrate(decoder: CausalHidden) -> None:
+    # Only a GPU is launch-bound enough for a second pass to cost more than the prompt tokens it
+    # saves; on a CPU the pass with fewer tokens is the faster one, which is the uncalibrated rule.
+    if decoder.device.type == "cuda":
+        decoder.calibrate()
 
 
 def _model_dir(path: str) -> Path:
@@ -99,12 +105,24 @@ class SequenceClassifierSource(LocalSource[list[Seq]]):
     def cost(self, prepared: list[Seq]) -> int:
         return sum(len(seq.ids) for seq in prepared)
 
+    def warm(self) -> None:
+        if self.decoder is not None:
+            _calibrate(self.decoder)
+        super().warm()
+
     @torch.inference_mode()
     def score_batch(self, prepared: Sequence[list[Seq]]) -> list[list[float]]:
         if self.decoder is None:
             return self._score_whole(prepared)
         hidden = self.decoder.hidden(prepared)
-        return [[self.model.score(h[-1]).float()[self.label].item() for h in group] for group in hidden]
+        # One head call and one device-to-host copy for the whole batch, not one per candidate.
+        last = torch.stack([h[-1] for group in hidden for h in group])
+        flat = self.model.score(last).float()[:, self.label].tolist()
+        out, start = [], 0
+        for group in prepared:
+            out.append(flat[start : start + len(group)])
+            start += len(group)
+        return out
 
     def _score_whole(self, prepared: Sequence[list[Seq]]) -> list[list[float]]:
         flat = [seq.ids for group in prepared for seq in group]
@@ -186,6 +204,10 @@ class LMJudgeSource(LocalSource[list[_Judged]]):
     def cost(self, prepared: list[_Judged]) -> int:
         return sum(len(j.seq.ids) for j in prepared)
 
+    def warm(self) -> None:
+        _calibrate(self.decoder)
+        super().warm()
+
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden).float()
         if self.softcap is not None:
@@ -195,20 +217,26 @@ class LMJudgeSource(LocalSource[list[_Judged]]):
     @torch.inference_mode()
     def score_batch(self, prepared: Sequence[list[_Judged]]) -> list[list[float]]:
         hidden = self.decoder.hidden([[j.seq for j in group] for group in prepared])
-        out = []
-        for group, group_hidden in zip(prepared, hidden, strict=True):
-            scores = []
-            for judged, h in zip(group, group_hidden, strict=True):
-                if self.verdict_id is not None:
-                    scores.append(math.exp(self._log_probs(h[-1:])[0, self.verdict_id].item()))
-                    continue
-                targets = torch.tensor(judged.targets, device=h.device)
-                total = 0.0
-                for start in range(0, len(targets), self.HEAD_CHUNK):
-                    chunk = self._log_probs(h[start : start + self.HEAD_CHUNK])
-                    total += chunk.gather(1, targets[start : start + self.HEAD_CHUNK, None]).sum().item()
-                scores.append(total / len(targets))
-            out.append(scores)
+        if self.verdict_id is not None:
+            last = torch.stack([h[-1] for group_hidden in hidden for h in group_hidden])
+            flat = self._log_probs(last)[:, self.verdict_id].exp().tolist()
+        else:
+            # Every reply position of the batch through the head in chunks; per-candidate means at the end.
+            states = torch.cat([h for group_hidden in hidden for h in group_hidden])
+            device = states.device
+            targets = torch.tensor([t for group in prepared for judged in group for t in judged.targets], device=device)
+            picked = torch.cat([
+                self._log_probs(states[start : start + self.HEAD_CHUNK]).gather(1, targets[start : start + self.HEAD_CHUNK, None])[:, 0]
+                for start in range(0, len(targets), self.HEAD_CHUNK)
+            ])
+            counts = torch.tensor([len(judged.targets) for group in prepared for judged in group], device=device)
+            owners = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+            sums = torch.zeros(len(counts), device=device).index_add_(0, owners, picked)
+            flat = (sums / counts).tolist()
+        out, start = [], 0
+        for group in prepared:
+            out.append(flat[start : start + len(group)])
+            start += len(group)
         return out
 
 

@@ -40,6 +40,8 @@ def count_pooled_calls(reranker_source) -> list[int]:
 
 async def test_concurrent_requests_share_forward_passes(reranker: Reranker, observer, tiny_reward_dir: Path):
     source = await reranker.load(config(tiny_reward_dir))
+    assert [n for _, n in observer.batches] == [1, 2]  # the warm-up request: its prompt, then its two replies
+    observer.batches.clear()
     sizes = count_pooled_calls(source)
     results = await asyncio.gather(*(reranker.score(config(tiny_reward_dir), [Message("user", p)], REPLIES) for p in PROMPTS))
     assert sizes == [len(PROMPTS)]

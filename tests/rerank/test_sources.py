@@ -68,8 +68,8 @@ async def test_sequence_classifier_equals_full_forward(reranker: Reranker, obser
     scores = await reranker.score(config, prompt, REPLIES)
     expected = classifier_reference(tiny_reward_dir, prompt, REPLIES)
     assert scores == pytest.approx(expected, abs=TOL)
-    # The prompt ran once (a batch of one prefix), the replies as one batch of suffixes.
-    assert [size for _, size in observer.batches] == [1, len(REPLIES)]
+    # After the warm-up request's two passes: the prompt once (a batch of one prefix), the replies as one batch of suffixes.
+    assert [size for _, size in observer.batches] == [1, 2, 1, len(REPLIES)]
     assert len(set(round(s, 6) for s in scores)) == len(set(REPLIES))  # the random head still separates replies
 
 
