@@ -32,6 +32,7 @@ Results equal scoring each full sequence alone (to float rounding).
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import time
@@ -58,7 +59,7 @@ _NO_MASK = torch.empty(0, 0, 0, 0)
 @dataclass(frozen=True)
 class Seq:
     ids: list[int]
-    read: list[int]  # positions whose final hidden states the caller needs
+    read: list[int]  # positions whose final hidden states the caller needs, ascending
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,14 @@ def _register() -> None:
             AttentionInterface.register(ATTENTION, _attention)
             # Unplanned calls get the padding/causal masks SDPA would get.
             AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def _take(hidden: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """hidden[positions]: a view when they are consecutive (a reply's span, or one last token)."""
+    first, last = positions[0], positions[-1]
+    if last - first + 1 == len(positions):
+        return hidden[first : last + 1]
+    return hidden[torch.tensor(positions, device=hidden.device)]
 
 
 def length_buckets(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -265,11 +274,11 @@ class CausalHidden:
             length = shared[g]
             outputs = []
             for s, seq in enumerate(group):
-                rows = [
-                    prefixes.hidden[g][position] if position < length else suffix_hidden[(g, s)][position - length]
-                    for position in seq.read
-                ]
-                outputs.append(torch.stack(rows) if rows else torch.empty(0, self.config.hidden_size))
+                split = bisect.bisect_left(seq.read, length)
+                parts = [_take(prefixes.hidden[g], seq.read[:split])] if split else []
+                if split < len(seq.read):
+                    parts.append(_take(suffix_hidden[(g, s)], [position - length for position in seq.read[split:]]))
+                outputs.append(torch.cat(parts) if len(parts) > 1 else parts[0] if parts else torch.empty(0, self.config.hidden_size))
             results.append(outputs)
         return results
 

@@ -151,3 +151,17 @@ def test_ordinary_forward_calls_keep_padding_semantics_after_the_engine_is_insta
         after = model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.allclose(before[0], after[0], atol=TOL)
     assert torch.allclose(before[1, :6], after[1, :6], atol=TOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy", ["shared", "whole"])
+def test_bf16_on_cuda_agrees_with_fp32_within_bf16_noise(strategy: str):
+    torch.manual_seed(0)
+    reference = _llama().eval()
+    groups = _groups()
+    expected = _reference(reference, groups)
+    engine = CausalHidden(reference.to("cuda", torch.bfloat16), max_batch_tokens=4096, strategy=strategy)
+    for group_expected, group_got in zip(expected, engine.hidden(groups), strict=True):
+        for want, have in zip(group_expected, group_got, strict=True):
+            # bf16 keeps 8 bits of mantissa: compare against the hidden states' own scale.
+            assert (have.float().cpu() - want).abs().max() <= 0.05 * want.abs().max()
