@@ -54,6 +54,13 @@ class EmbeddingReward(_Strict):
     )
 
 
+class TrainedReward(_Strict):
+    type: Literal["trained"]
+    path: str = Field(
+        ..., min_length=1, description="Reward head JSON written by `guard reward train` (trained on users' preferences)."
+    )
+
+
 class RemoteReward(_Strict):
     type: Literal["remote"]
     url: str = Field(..., pattern=r"^https?://", description="Base URL of a vLLM server running a pooling model (no /v1).")
@@ -78,7 +85,7 @@ class WeightedReward(_Strict):
 
 
 RewardConfig = Annotated[
-    Union[SequenceClassifierReward, LMJudgeReward, EmbeddingReward, RemoteReward, WeightedReward],
+    Union[SequenceClassifierReward, LMJudgeReward, EmbeddingReward, TrainedReward, RemoteReward, WeightedReward],
     Field(discriminator="type"),
 ]
 WeightedSource.model_rebuild()

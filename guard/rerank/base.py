@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from guard.types import Message
 
-Prompt = str | list[Message]
+Prompt = str | Sequence[Message]  # a raw prompt, or a conversation
 
 
 class RerankError(Exception):

@@ -19,6 +19,7 @@ from guard.policy.reward import (
     RemoteReward,
     RewardConfig,
     SequenceClassifierReward,
+    TrainedReward,
     WeightedReward,
 )
 from guard.rerank import selection
@@ -154,12 +155,13 @@ class Reranker:
             return WeightedSource([(entry.weight, child) for entry, child in zip(config.sources, children, strict=True)])
         if isinstance(config, RemoteReward):
             return RemoteSource(config, self.observer)
-        from guard.rerank.sources import EmbeddingSource, LMJudgeSource, SequenceClassifierSource
+        from guard.rerank.sources import EmbeddingSource, LMJudgeSource, SequenceClassifierSource, TrainedHeadSource
 
         local = {
             SequenceClassifierReward: SequenceClassifierSource,
             LMJudgeReward: LMJudgeSource,
             EmbeddingReward: EmbeddingSource,
+            TrainedReward: TrainedHeadSource,
         }[type(config)]
         build = partial(local, config, self.runtime, self.device, self.dtype)
         try:

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from guard.policy.reward import EmbeddingReward, LMJudgeReward, SequenceClassifierReward
+from guard.policy.reward import EmbeddingReward, LMJudgeReward, SequenceClassifierReward, TrainedReward
 from guard.rerank.base import Prompt, RerankError, ScoreRequest, plain_transcript, user_text
 from guard.rerank.batching import LocalSource, Runtime
 from guard.rerank.causal import CausalHidden, Seq, length_buckets
+from guard.rerank.trained import features, load_head
 
 
 def _calibrate(decoder: CausalHidden) -> None:
@@ -293,6 +294,30 @@ class EmbeddingSource(LocalSource[_Texts]):
         for item in prepared:
             query = embeddings[start]
             replies = embeddings[start + 1 : start + 1 + len(item.candidates)]
-            out.append((replies @ query).tolist())
+            out.append(self.rate(query, replies).tolist())
             start += 1 + len(item.candidates)
         return out
+
+    def rate(self, query: torch.Tensor, replies: torch.Tensor) -> torch.Tensor:
+        """One score per reply from the embeddings: cosine similarity."""
+        return replies @ query
+
+
+class TrainedHeadSource(EmbeddingSource):
+    """A reward head trained on users' preferences (`guard reward train`), over sentence embeddings."""
+
+    kind = "trained"
+
+    def __init__(self, config: TrainedReward, runtime: Runtime, device: torch.device, dtype: torch.dtype) -> None:
+        try:
+            head, weights = load_head(config.path)
+        except ValueError as exc:
+            raise RerankError(str(exc)) from None
+        super().__init__(EmbeddingReward(type="embedding", model=head.encoder), runtime, device, dtype)
+        dims = self.model.get_embedding_dimension()
+        if dims != head.dims:
+            raise RerankError(f"{config.path}: head is for {head.dims}-dim embeddings; its encoder gives {dims}")
+        self.weights = torch.from_numpy(weights.copy()).to(device)
+
+    def rate(self, query: torch.Tensor, replies: torch.Tensor) -> torch.Tensor:
+        return features(query, replies) @ self.weights
