@@ -225,7 +225,7 @@ AUDIT_RECORDS = Counter(
 )
 AUDIT_QUEUE = Gauge(
     "guard_audit_queue_records",
-    "Finished requests waiting for the audit writer (sampled after each batch).",
+    "Finished requests waiting for the audit writer, sampled each time it wakes (a full queue drops records).",
     registry=REGISTRY,
     multiprocess_mode="livesum",
 )

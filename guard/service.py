@@ -18,7 +18,7 @@ from typing import Any
 
 from guard import metrics
 from guard.access import AccessControl, Tenant
-from guard.audit import AuditStore, Finished
+from guard.audit import AuditStore, Finished, input_to_keep
 from guard.errors import Invalid, InvalidArgument, ResourceExhausted, status_for
 from guard.limits import MAX_SCORE_CANDIDATES
 from guard.pipeline.runner import Pipeline, Pipelines, TextDelta
@@ -111,12 +111,15 @@ class Observation:
         metrics.child(metrics.REQUESTS, self.rpc, self.policy, tenant, self.outcome).inc()
         metrics.child(metrics.REQUEST_SECONDS, self.rpc, self.policy).observe(seconds)
         if self.audit is not None and self.request is not None:
-            self.audit.submit(self._finished(seconds, error))
+            self.audit.submit(self._finished(self.request, seconds, error))
 
-    def _finished(self, seconds: float, error: str) -> Finished:
+    def _finished(self, request: GenerateInput, seconds: float, error: str) -> Finished:
         failed = self.outcome not in ("ok", "refused")
         admission = self.admission
-        common = dict(
+        loaded = admission.loaded if admission is not None else None
+        # No policy chosen (the request failed before): none asked for its text.
+        text = loaded.policy.audit.text if loaded is not None else "none"
+        return Finished(
             rpc=self.rpc,
             tenant=self.tenant.name if self.tenant is not None else "",
             time=time.time() - seconds,
@@ -124,17 +127,13 @@ class Observation:
             outcome="error" if failed else self.outcome,
             status=self.outcome if failed else "OK",
             error=error[:AUDIT_ERROR_CHARS],
-            request=self.request,
+            request_id=request.request_id,
+            input=input_to_keep(request, text),
+            policy=loaded.policy.name if loaded is not None else "",
+            policy_version=loaded.version if loaded is not None else "",
+            model=admission.pipeline.model if admission is not None else "",
+            text=text,
             results=self.results,
-        )
-        if admission is None:
-            return Finished(**common)
-        return Finished(
-            **common,
-            policy=admission.policy,
-            policy_version=admission.loaded.version,
-            model=admission.pipeline.model,
-            text=admission.loaded.policy.audit.text,
         )
 
 

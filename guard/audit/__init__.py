@@ -4,7 +4,16 @@
 `report` what `guard audit` prints and plots.
 """
 
-from guard.audit.record import AuditRecord, ChoiceRecord, Finished, RefusalRecord, StepDecision, record_of, text_hash
+from guard.audit.record import (
+    AuditRecord,
+    ChoiceRecord,
+    Finished,
+    RefusalRecord,
+    StepDecision,
+    input_to_keep,
+    record_of,
+    text_hash,
+)
 from guard.audit.sqlite import SQLiteAuditStore
 from guard.audit.store import AuditObserver, AuditQuery, AuditStore, DailyCount, Retained
 
@@ -20,6 +29,7 @@ __all__ = [
     "Retained",
     "SQLiteAuditStore",
     "StepDecision",
+    "input_to_keep",
     "record_of",
     "text_hash",
 ]

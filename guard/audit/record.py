@@ -1,7 +1,7 @@
 """The audit record: what guard did with one request, as stored, queried and exported.
 
-The request path hands over a `Finished` (references to what it already holds: the request, its
-results, how it ended) and the store's writer turns it into an `AuditRecord` with `record_of`, off
+The request path hands over a `Finished` (references to what it already holds: the request's id and,
+when the policy keeps text, its prompt; its results; how it ended) and the store's writer turns it into an `AuditRecord` with `record_of`, off
 the request path: reading the trace, hashing text and serialising cost the request nothing.
 
 Prompt and answer text follow the policy's `audit.text`: `none` keeps neither, `hashed` keeps
@@ -27,12 +27,14 @@ OUTCOMES: tuple[Outcome, ...] = ("ok", "refused", "error")
 TEXT_DETAIL_KEYS = frozenset({"reasoning"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: that __init__ costs 2 µs instead of 0.75 µs; nothing changes one anyway
 class Finished:
     """A request as it ended, from the request path: no copying, no serialising.
 
     `policy` is empty when the request was refused before a policy was chosen (unknown policy,
-    permission denied); `text` is then "none": no policy asked for more.
+    permission denied); `text` is then "none": no policy asked for more. `input` is the client's
+    prompt or messages when `text` keeps them, else None: a queued record holds no prompt it will
+    not store (a prompt can be megabytes).
     """
 
     rpc: str
@@ -42,7 +44,8 @@ class Finished:
     outcome: Outcome
     status: str  # "OK", or the gRPC status code name of a failure (CANCELLED, DEADLINE_EXCEEDED, ...)
     error: str
-    request: GenerateInput
+    request_id: str
+    input: str | list[Message] | None = None
     policy: str = ""
     policy_version: str = ""
     model: str = ""
@@ -140,6 +143,13 @@ class AuditRecord:
         return cls(**{**data, "choices": choices})
 
 
+def input_to_keep(request: GenerateInput, text: TextMode) -> str | list[Message] | None:
+    """What a Finished holds of the request's text: a reference to it, if the policy keeps text at all."""
+    if text == "none":
+        return None
+    return request.messages if request.messages is not None else request.prompt or ""
+
+
 def text_hash(value: str | list[dict[str, str]]) -> str:
     """SHA-256 (hex) of a text, or of a conversation as compact JSON ([{"role": ..., "content": ...}]).
 
@@ -157,14 +167,10 @@ def _kept(value: Any, mode: TextMode) -> Any:
     return value if mode == "full" else text_hash(value)
 
 
-def _input_of(request: GenerateInput) -> str | list[dict[str, str]]:
-    if request.messages is not None:
-        return [_message(m) for m in request.messages]
-    return request.prompt or ""
-
-
-def _message(message: Message) -> dict[str, str]:
-    return {"role": message.role, "content": message.content}
+def _input_of(value: str | list[Message] | None) -> str | list[dict[str, str]] | None:
+    if value is None or isinstance(value, str):
+        return value
+    return [{"role": m.role, "content": m.content} for m in value]
 
 
 def _decision(entry: TraceEntry, mode: TextMode) -> StepDecision:
@@ -190,7 +196,7 @@ def _choice(result: GenerateResult, mode: TextMode) -> ChoiceRecord:
 def record_of(finished: Finished) -> AuditRecord:
     mode = finished.text
     return AuditRecord(
-        request_id=finished.request.request_id,
+        request_id=finished.request_id,
         time=finished.time,
         rpc=finished.rpc,
         tenant=finished.tenant,
@@ -202,6 +208,6 @@ def record_of(finished: Finished) -> AuditRecord:
         error=finished.error,
         seconds=finished.seconds,
         text=mode,
-        input=_kept(_input_of(finished.request), mode),
+        input=_kept(_input_of(finished.input), mode),
         choices=tuple(_choice(result, mode) for result in finished.results),
     )

@@ -171,23 +171,27 @@ def print_summary(summary: Summary, out: IO[str]) -> None:
         ],
         out,
     )
-    out.write("\nRefusals by rule and day (rate: of the policy's requests that day)\n")
-    table(
-        ["day", "policy", "step", "rule", "refused", "rate"],
-        [
-            [day, policy, step, rule or "-", refused, refused / summary.policy_days[(day, policy)].requests]
-            for (day, policy, step, rule), refused in sorted(summary.rule_days.items())
-        ],
-        out,
-    )
-    out.write("\nRules that fire most\n")
-    totals = summary.policy_requests()
-    table(
-        ["policy", "step", "rule", "refused", "rate"],
-        [[policy, step, rule or "-", refused, refused / totals[policy]] for (policy, step, rule), refused in summary.top_rules()],
-        out,
-    )
-    out.write(f"\nFail-open events (a rule failed and let the request through): {fail_open_total}\n")
+    if not summary.rule_days:
+        out.write("\nNo refusals.\n")
+    else:
+        out.write("\nRefusals by rule and day (rate: of the policy's requests that day)\n")
+        table(
+            ["day", "policy", "step", "rule", "refused", "rate"],
+            [
+                [day, policy, step, rule or "-", refused, refused / summary.policy_days[(day, policy)].requests]
+                for (day, policy, step, rule), refused in sorted(summary.rule_days.items())
+            ],
+            out,
+        )
+        out.write("\nRules that fire most\n")
+        totals = summary.policy_requests()
+        table(
+            ["policy", "step", "rule", "refused", "rate"],
+            [[policy, step, rule or "-", refused, refused / totals[policy]] for (policy, step, rule), refused in summary.top_rules()],
+            out,
+        )
+    listed = f" (those of the newest {FAIL_OPEN_LISTED} requests below)" if len(summary.fail_opens) == FAIL_OPEN_LISTED else ""
+    out.write(f"\nFail-open events (a rule failed and let the request through): {fail_open_total}{listed}\n")
     if summary.fail_opens:
         rows = []
         for record in summary.fail_opens:
@@ -223,6 +227,7 @@ def plot_summary(summary: Summary, path: Path) -> None:
     for axes in (by_policy, by_rule):
         axes.set_ylabel("share of the policy's requests")
         axes.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        axes.set_ylim(bottom=0)
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize="small")

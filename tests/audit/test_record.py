@@ -9,7 +9,7 @@ import json
 import numpy as np
 
 from guard.audit import AuditRecord, record_of, text_hash
-from guard.types import GenerateInput, Message, TraceEntry
+from guard.types import Message, TraceEntry
 from tests.audit.made import finished
 
 
@@ -27,9 +27,7 @@ def test_text_hashed_keeps_sha256_of_prompt_and_answer():
 
 
 def test_a_conversation_is_hashed_as_compact_json_of_its_messages():
-    chat = dataclasses.replace(
-        finished(text="hashed"), request=GenerateInput(messages=[Message("system", "Be nice."), Message("user", "héllo")])
-    )
+    chat = dataclasses.replace(finished(text="hashed"), input=[Message("system", "Be nice."), Message("user", "héllo")])
     expected = json.dumps([{"role": "system", "content": "Be nice."}, {"role": "user", "content": "héllo"}], separators=(",", ":"), ensure_ascii=False)
     assert record_of(chat).input == hashlib.sha256(expected.encode()).hexdigest() == text_hash(
         [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "héllo"}]
@@ -38,7 +36,7 @@ def test_a_conversation_is_hashed_as_compact_json_of_its_messages():
 
 def test_text_full_keeps_prompt_messages_and_answer():
     assert record_of(finished(prompt="hello there", answer="hi!", text="full")).input == "hello there"
-    chat = dataclasses.replace(finished(text="full"), request=GenerateInput(messages=[Message("user", "hey")]))
+    chat = dataclasses.replace(finished(text="full"), input=[Message("user", "hey")])
     record = record_of(chat)
     assert record.input == [{"role": "user", "content": "hey"}] and record.choices[0].output == "hi!"
 

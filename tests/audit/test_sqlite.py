@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import pytest
 
@@ -74,20 +74,18 @@ def test_daily_counts_group_by_utc_day_policy_outcome_and_refusing_rule(store):
     }
 
 
-@dataclass
-class Stalling:
-    """A request whose id the writer cannot read until released: the writer thread stalls on it, as on a slow disk."""
+class Stalling(list):
+    """A conversation the writer cannot read until released: the writer thread stalls on it, as on a slow disk."""
 
-    prompt: str = "stall"
-    messages: None = None
-    entered: threading.Event = field(default_factory=threading.Event)
-    release: threading.Event = field(default_factory=threading.Event)
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
 
-    @property
-    def request_id(self) -> str:
+    def __iter__(self):
         self.entered.set()
         assert self.release.wait(30)
-        return "stalled"
+        return super().__iter__()
 
 
 def test_a_writer_that_falls_behind_drops_and_counts_records_without_holding_up_submitters(tmp_path):
@@ -97,7 +95,7 @@ def test_a_writer_that_falls_behind_drops_and_counts_records_without_holding_up_
     store = SQLiteAuditStore(tmp_path / "audit.db", queue_records=4, batch_records=1, observer=metrics.AuditMetrics())
     store.start()
     stalling = Stalling()
-    store.submit(replace(finished(), request=stalling))
+    store.submit(replace(finished("stalled", text="full"), input=stalling))
     assert stalling.entered.wait(10)  # the writer holds the stalling record; the queue is empty
     before = dropped()
     for i in range(10):
