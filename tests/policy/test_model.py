@@ -157,3 +157,10 @@ def test_keywords_are_literal_text_not_regex() -> None:
     rule = PatternRule(name="r", keywords=["c++ (beta)"])
     assert rule.compiled().search("try c++ (beta) today")
     assert not rule.compiled().search("try cc (beta) today")
+
+
+def test_audit_text_is_none_unless_a_policy_opts_in_and_only_known_modes_validate() -> None:
+    assert Policy.model_validate({"name": "p"}).audit.text == "none"
+    assert Policy.model_validate({"name": "p", "audit": {"text": "hashed"}}).audit.text == "hashed"
+    assert [e[:2] for e in errors({"name": "p", "audit": {"text": "plain"}})] == [(("audit", "text"), "literal_error")]
+    assert [e[:2] for e in errors({"name": "p", "audit": {"prompts": True}})] == [(("audit", "prompts"), "extra_forbidden")]
