@@ -1,5 +1,5 @@
 """The `guard` command: serve, ask, health, policy check|schema, keys new|hash|check, filter train, model prepare,
-audit query|summary|export."""
+audit query|summary|export, reward train."""
 
 from __future__ import annotations
 
@@ -204,6 +204,33 @@ def _filter_train(args: argparse.Namespace) -> int:
     for label in ("harmful", "benign", "borderline"):
         if f"n_{label}" in validation:
             print(f"  validation {label:10s} refused {validation[f'refused_{label}']:6.1%} of {validation[f'n_{label}']}")
+    return 0
+
+
+def _reward_train(args: argparse.Namespace) -> int:
+    from guard.alignment.preferences import read_pairs
+    from guard.alignment.reward_training import train_head, train_sequence_classifier
+
+    logging.basicConfig(level="WARNING")
+    pairs = read_pairs(Path(args.pairs))
+    if args.kind == "head":
+        report = train_head(pairs, Path(args.out), encoder=args.encoder, heldout_fraction=args.heldout, seed=args.seed)
+        use = f"reward: {{type: trained, path: {args.out}}}"
+    else:
+        if args.base is None:
+            print("error: --kind sequence-classifier needs --base MODEL_DIR", file=sys.stderr)
+            return 2
+        report = train_sequence_classifier(
+            pairs, Path(args.base), Path(args.out), epochs=args.epochs, learning_rate=args.learning_rate,
+            heldout_fraction=args.heldout, seed=args.seed,
+        )
+        use = f"reward: {{type: sequence_classifier, path: {args.out}}}"
+    held = "n/a (no held-out prompts)" if report.heldout_accuracy is None else f"{report.heldout_accuracy:.1%}"
+    print(
+        f"wrote {args.out} in {report.seconds:.1f} s: {report.train_pairs} training pairs, {report.heldout_pairs} held out\n"
+        f"  pairwise accuracy: training {report.train_accuracy:.1%}, held out {held}\n"
+        f"  in a best_of_n step: {use}"
+    )
     return 0
 
 
@@ -475,6 +502,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_audit_export)
     for command in (query, summary, export):
         command.add_argument("--db", default=os.environ.get("GUARD_AUDIT_DB"), help="the audit database [GUARD_AUDIT_DB]")
+
+    reward = commands.add_parser("reward", help="reward models from users' preferences").add_subparsers(
+        dest="reward_command", required=True
+    )
+    trainer = reward.add_parser("train", help="train a reward model on preference pairs (Bradley-Terry) and report held-out accuracy")
+    trainer.add_argument("--pairs", required=True, help="JSON lines of {prompt, chosen, rejected} (guard export preferences, or TRL's format)")
+    trainer.add_argument("--out", required=True, help="head: a .json file; sequence-classifier: a directory")
+    trainer.add_argument("--kind", choices=["head", "sequence-classifier"], default="head",
+                         help="head: linear head on sentence embeddings (CPU, seconds); sequence-classifier: fine-tune --base [head]")
+    trainer.add_argument("--base", help="sequence-classifier: local causal LM directory to fine-tune")
+    trainer.add_argument("--encoder", help="head: sentence-transformers directory [bundled all-MiniLM-L6-v2]")
+    trainer.add_argument("--heldout", type=float, default=0.2, help="share of prompts held out for the accuracy [0.2]")
+    trainer.add_argument("--epochs", type=int, default=1, help="sequence-classifier [1]")
+    trainer.add_argument("--learning-rate", type=float, default=1e-5, help="sequence-classifier [1e-5]")
+    trainer.add_argument("--seed", type=int, default=0)
+    trainer.set_defaults(func=_reward_train)
 
     model = commands.add_parser("model", help="manage the bundled default model").add_subparsers(dest="model_command", required=True)
     prepare = model.add_parser("prepare", help="convert the bundled Gemma 3 270M GGUF for vLLM (cached)")

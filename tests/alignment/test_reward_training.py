@@ -82,3 +82,16 @@ async def test_a_sequence_classifier_fine_tune_fits_pairs_and_serves(tmp_path: P
     finally:
         await reranker.close()
     assert len(scores) == 2
+
+
+def test_the_cli_trains_a_head_and_says_how_to_use_it(tmp_path: Path, capsys):
+    from guard.alignment.preferences import write_pairs
+    from guard.cli import main
+
+    write_pairs(keyword_pairs(), tmp_path / "prefs.jsonl")
+    out = tmp_path / "head.json"
+    assert main(["reward", "train", "--pairs", str(tmp_path / "prefs.jsonl"), "--out", str(out), "--heldout", "0.3"]) == 0
+    printed = capsys.readouterr().out
+    assert "held out 100.0%" in printed or "held out 9" in printed  # >= 90%
+    assert f"reward: {{type: trained, path: {out}}}" in printed
+    assert load_head(str(out))[0].training["heldout_pairs"] > 0
