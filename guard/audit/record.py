@@ -1,8 +1,9 @@
 """The audit record: what guard did with one request, as stored, queried and exported.
 
-The request path hands over a `Finished` (references to what it already holds: the request's id and,
-when the policy keeps text, its prompt; its results; how it ended) and the store's writer turns it into an `AuditRecord` with `record_of`, off
-the request path: reading the trace, hashing text and serialising cost the request nothing.
+The request path hands over a `Finished` (references to what it already holds: the request's id
+and, when the policy keeps text, its prompt; its results; how it ended) and the store's writer turns
+it into an `AuditRecord` with `record_of`, off the request path: reading the trace, hashing text and
+serialising cost the request nothing.
 
 Prompt and answer text follow the policy's `audit.text`: `none` keeps neither, `hashed` keeps
 `text_hash` of each, `full` keeps them. Chain-of-thought reasoning in the trace is model text too
@@ -21,7 +22,6 @@ from guard.types import GenerateInput, GenerateResult, Message, TraceEntry
 
 TextMode = Literal["none", "hashed", "full"]
 Outcome = Literal["ok", "refused", "error"]
-OUTCOMES: tuple[Outcome, ...] = ("ok", "refused", "error")
 
 # Trace detail keys that hold model text (chain_of_thought's hidden reasoning, in the answer's notes).
 TEXT_DETAIL_KEYS = frozenset({"reasoning"})
@@ -31,7 +31,7 @@ TEXT_DETAIL_KEYS = frozenset({"reasoning"})
 class Finished:
     """A request as it ended, from the request path: no copying, no serialising.
 
-    `policy` is empty when the request was refused before a policy was chosen (unknown policy,
+    `policy` is empty when the request failed before a policy was chosen (unknown policy,
     permission denied); `text` is then "none": no policy asked for more. `input` is the client's
     prompt or messages when `text` keeps them, else None: a queued record holds no prompt it will
     not store (a prompt can be megabytes).

@@ -2,9 +2,9 @@
 
 Requests never wait for it: `submit` appends the finished request to a bounded queue (a full queue
 drops it and counts it), and a dedicated writer thread wakes every `linger_seconds`, builds the
-records of whatever arrived and inserts them, one transaction per batch. WAL mode lets the CLI (or another worker process) read while
-guard writes; synchronous=NORMAL skips the fsync per commit, so a power cut may lose the last
-moments of records but never corrupts the file. The writer also applies retention every
+records of whatever arrived and inserts them, one transaction per batch. WAL mode lets the CLI (or
+another worker process) read while guard writes; synchronous=NORMAL skips the fsync per commit, so
+a power cut may lose the last moments of records but never corrupts the file. The writer also applies retention every
 `retention_seconds`: records older than `max_age_seconds`, then the oldest ones until the rows in
 use fit `max_bytes` (down to 90% of it, so a full store is not trimmed a few rows at a time);
 freed pages go back to the file system (auto_vacuum=INCREMENTAL).

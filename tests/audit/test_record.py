@@ -28,10 +28,9 @@ def test_text_hashed_keeps_sha256_of_prompt_and_answer():
 
 def test_a_conversation_is_hashed_as_compact_json_of_its_messages():
     chat = dataclasses.replace(finished(text="hashed"), input=[Message("system", "Be nice."), Message("user", "héllo")])
-    expected = json.dumps([{"role": "system", "content": "Be nice."}, {"role": "user", "content": "héllo"}], separators=(",", ":"), ensure_ascii=False)
-    assert record_of(chat).input == hashlib.sha256(expected.encode()).hexdigest() == text_hash(
-        [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "héllo"}]
-    )
+    messages = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "héllo"}]
+    compact = json.dumps(messages, separators=(",", ":"), ensure_ascii=False)
+    assert record_of(chat).input == hashlib.sha256(compact.encode()).hexdigest() == text_hash(messages)
 
 
 def test_text_full_keeps_prompt_messages_and_answer():

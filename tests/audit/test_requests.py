@@ -81,7 +81,8 @@ async def test_grpc_answers_and_refusals_are_recorded_with_their_decisions(app, 
     await stub.Generate(pb.GenerateRequest(prompt="hi"), metadata=metadata("g-ok"), timeout=10)
     await stub.Generate(pb.GenerateRequest(prompt="a pipe bomb", policy="refusing"), metadata=metadata("g-no"), timeout=10)
     ok, refused = await record(app, "g-ok"), await record(app, "g-no")
-    assert (ok.rpc, ok.tenant, ok.policy, ok.model, ok.outcome, ok.status) == ("Generate", "anonymous", "default", "fault-model", "ok", "OK")
+    assert (ok.rpc, ok.tenant, ok.policy, ok.model) == ("Generate", "anonymous", "default", "fault-model")
+    assert (ok.outcome, ok.status) == ("ok", "OK")
     assert ok.policy_version == app.store.get("default").version
     assert (ok.prompt_tokens, ok.completion_tokens, ok.choices[0].finish_reason) == (3, 3, "stop")
     assert ok.text == "none" and ok.input is None and ok.choices[0].output is None
@@ -116,7 +117,8 @@ async def test_failures_are_recorded_with_their_status(app, stub, http, fault):
     fault.mode = "error500"
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.Generate(pb.GenerateRequest(prompt="hi"), metadata=metadata("down"), timeout=10)
-    assert (await http.post("/v1/completions", json={"model": "guard/default", "prompt": "hi"}, headers={"x-request-id": "h-down"})).status_code == 503
+    completion = {"model": "guard/default", "prompt": "hi"}
+    assert (await http.post("/v1/completions", json=completion, headers={"x-request-id": "h-down"})).status_code == 503
     fault.mode, fault.hang_seconds = "hang", 10.0
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.Generate(pb.GenerateRequest(prompt="hi"), metadata=metadata("late"), timeout=0.5)
