@@ -124,6 +124,17 @@ class Usage:
     completion_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class CandidateAnswer:
+    """One candidate a selecting step (best_of_n) chose among, as generated: for the audit log, where
+    preference pairs are rebuilt from what guard generated (never from text a client sends back)."""
+
+    index: int
+    text: str  # after the other steps' after-hooks (what the client would have received)
+    score: float | None = None  # the reward score; None when not scored (refused, or the reward failed)
+    refused_by: str = ""  # the step that refused it; "" when it was not refused
+
+
 @dataclass
 class GenerateResult:
     text: str
@@ -137,3 +148,6 @@ class GenerateResult:
     total_seconds: float = 0.0
     upstream_url: str = ""
     upstream_model: str = ""
+    # Every candidate of a selecting step (best_of_n), refused ones included; () without one. The audit
+    # log's, not the client's: a refused candidate's text must never reach the client.
+    candidates: tuple[CandidateAnswer, ...] = ()

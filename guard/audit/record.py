@@ -18,13 +18,16 @@ from typing import Any, Literal
 
 import orjson
 
-from guard.types import GenerateInput, GenerateResult, Message, TraceEntry
+from guard.types import CandidateAnswer, GenerateInput, GenerateResult, Message, TraceEntry
 
 TextMode = Literal["none", "hashed", "full"]
 Outcome = Literal["ok", "refused", "error"]
 
 # Trace detail keys that hold model text (chain_of_thought's hidden reasoning, in the answer's notes).
 TEXT_DETAIL_KEYS = frozenset({"reasoning"})
+# The trace detail key whose entries carry candidates' texts (best_of_n); a record keeps those texts in
+# ChoiceRecord.candidates instead, following its text mode.
+CANDIDATES_DETAIL_KEY = "candidates"
 
 
 @dataclass(slots=True)  # not frozen: that __init__ costs 2 µs instead of 0.75 µs; nothing changes one anyway
@@ -73,6 +76,16 @@ class RefusalRecord:
 
 
 @dataclass(frozen=True)
+class CandidateRecord:
+    """One best_of_n candidate: every one is recorded, refused ones included (the audit log is the operator's)."""
+
+    index: int
+    text: str | None  # as ChoiceRecord.output: the text, its hash, or None
+    score: float | None  # its reward score; None when not scored (refused, or the reward failed)
+    refused_by: str  # the step that refused it; "" when it was not refused
+
+
+@dataclass(frozen=True)
 class ChoiceRecord:
     """One answer (an OpenAI request with n > 1 has several, each the whole policy)."""
 
@@ -83,6 +96,8 @@ class ChoiceRecord:
     upstream_seconds: float
     prompt_tokens: int
     completion_tokens: int
+    # The candidates best_of_n chose among, by index; () for a policy without one (and in older records).
+    candidates: tuple[CandidateRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,7 @@ class AuditRecord:
                     **choice,
                     "refusal": RefusalRecord(**choice["refusal"]) if choice["refusal"] else None,
                     "steps": tuple(StepDecision(**step) for step in choice["steps"]),
+                    "candidates": tuple(CandidateRecord(**candidate) for candidate in choice.get("candidates", ())),
                 }
             )
             for choice in data["choices"]
@@ -177,7 +193,17 @@ def _decision(entry: TraceEntry, mode: TextMode) -> StepDecision:
     detail = entry.detail
     if not TEXT_DETAIL_KEYS.isdisjoint(detail):
         detail = {key: _kept(value, mode) if key in TEXT_DETAIL_KEYS else value for key, value in detail.items()}
+    candidates = detail.get(CANDIDATES_DETAIL_KEY)
+    if isinstance(candidates, list) and any(isinstance(c, dict) and "text" in c for c in candidates):
+        # The trace shows clients the texts of candidates that were not refused; the record keeps every
+        # candidate's text once, in ChoiceRecord.candidates, as its text mode says.
+        stripped = [{k: v for k, v in c.items() if k != "text"} if isinstance(c, dict) else c for c in candidates]
+        detail = {**detail, CANDIDATES_DETAIL_KEY: stripped}
     return StepDecision(entry.step, entry.type, entry.phase, entry.duration_seconds, detail)
+
+
+def _candidate(candidate: CandidateAnswer, mode: TextMode) -> CandidateRecord:
+    return CandidateRecord(candidate.index, _kept(candidate.text, mode), candidate.score, candidate.refused_by)
 
 
 def _choice(result: GenerateResult, mode: TextMode) -> ChoiceRecord:
@@ -190,6 +216,7 @@ def _choice(result: GenerateResult, mode: TextMode) -> ChoiceRecord:
         upstream_seconds=result.upstream_seconds,
         prompt_tokens=result.usage.prompt_tokens,
         completion_tokens=result.usage.completion_tokens,
+        candidates=tuple(_candidate(candidate, mode) for candidate in result.candidates),
     )
 
 

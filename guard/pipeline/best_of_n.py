@@ -154,10 +154,15 @@ class BestOfN(Step[BestOfNStep]):
 
 
 def _entry(candidate: Candidate) -> dict[str, Any]:
+    """A candidate as the trace shows it. A candidate that was not refused carries its text (a labelling UI
+    shows the alternatives, and a user picks a preferred index); a refused one never does: the trace goes to
+    clients, and that text was refused. The audit log keeps every candidate's text apart (GenerateResult.candidates)."""
     entry: dict[str, Any] = {"index": candidate.index}
     if candidate.refusal is not None:
         entry["refused_by"] = candidate.refusal.step
         entry["refused_rule"] = candidate.refusal.rule
+    else:
+        entry["text"] = candidate.text
     return entry
 
 

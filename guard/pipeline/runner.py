@@ -23,7 +23,7 @@ from guard import metrics
 from guard.pipeline import best_of_n, chain_of_thought, filters, system_prompt  # noqa: F401 - registers the steps
 from guard.pipeline.base import Candidate, Context, Step, StepDeps, step_class
 from guard.policy.loader import LoadedPolicy, PolicyBuildError
-from guard.types import GenerateInput, GenerateResult, Refusal, TraceEntry, Usage
+from guard.types import CandidateAnswer, GenerateInput, GenerateResult, Refusal, TraceEntry, Usage
 
 
 @dataclass
@@ -225,6 +225,8 @@ class Pipeline:
             for choice in completion.choices
         ]
         chosen = await self._after(ctx, trace)
+        if self.selector is not None:
+            result.candidates = tuple(_candidate_answer(c) for c in ctx.candidates)
         if chosen is None:
             ctx.refusal = next(c.refusal for c in ctx.candidates if c.refusal is not None)
             return
@@ -289,6 +291,14 @@ class Pipelines:
 
     def get(self, loaded: LoadedPolicy) -> Pipeline:
         return self.build(loaded)
+
+
+def _candidate_answer(candidate: Candidate) -> CandidateAnswer:
+    """A candidate for the audit log. A refused one has no score: with refused=penalize the score a refused
+    candidate got was its refusal text's, not its own."""
+    refusal = candidate.refusal
+    score = candidate.notes.get("reward") if refusal is None else None
+    return CandidateAnswer(candidate.index, candidate.text, score, refusal.step if refusal is not None else "")
 
 
 def _build_step(index: int, config, deps: StepDeps) -> Step:

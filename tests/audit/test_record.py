@@ -9,7 +9,8 @@ import json
 import numpy as np
 
 from guard.audit import AuditRecord, record_of, text_hash
-from guard.types import Message, TraceEntry
+from guard.audit.record import CandidateRecord
+from guard.types import CandidateAnswer, Message, TraceEntry
 from tests.audit.made import finished
 
 
@@ -74,3 +75,41 @@ def test_detail_json_cannot_hold_is_kept_as_text_not_an_error():
     request.results[0].trace[0].detail.update(score=np.float32(0.5), odd=object())
     detail = AuditRecord.from_json(record_of(request).to_json()).choices[0].steps[0].detail
     assert detail["score"] == 0.5 and detail["odd"].startswith("<object object")
+
+
+def best_of_n(text: str):
+    """A best_of_n request: three candidates, the last refused by an output filter."""
+    request = finished(text=text, answer="Paris.")
+    result = request.results[0]
+    result.candidates = (
+        CandidateAnswer(0, "Lyon?", 0.1), CandidateAnswer(1, "Paris.", 0.9), CandidateAnswer(2, "classified plans", None, "outputs")
+    )
+    entries = [{"index": 0, "text": "Lyon?", "score": 0.1}, {"index": 1, "text": "Paris.", "score": 0.9},
+               {"index": 2, "refused_by": "outputs", "refused_rule": "secret"}]
+    result.trace.append(TraceEntry("best_of_n", "best_of_n", "select", 0.01, {"candidates": entries, "chosen": 1}))
+    return record_of(request)
+
+
+def test_best_of_n_candidates_are_kept_once_with_their_scores_refused_ones_included():
+    record = best_of_n("full")
+    assert record.choices[0].candidates == (
+        CandidateRecord(0, "Lyon?", 0.1, ""), CandidateRecord(1, "Paris.", 0.9, ""), CandidateRecord(2, "classified plans", None, "outputs")
+    )
+    # The trace's copies of the texts (what a client with a trace sees) are not stored twice.
+    assert [set(e) for e in record.choices[0].steps[-1].detail["candidates"]] == [
+        {"index", "score"}, {"index", "score"}, {"index", "refused_by", "refused_rule"}
+    ]
+    assert AuditRecord.from_json(record.to_json()) == record
+
+
+def test_best_of_n_candidates_texts_follow_the_text_setting():
+    assert [c.text for c in best_of_n("hashed").choices[0].candidates] == [text_hash(t) for t in ("Lyon?", "Paris.", "classified plans")]
+    kept_nothing = best_of_n("none")
+    assert [(c.index, c.text, c.score) for c in kept_nothing.choices[0].candidates] == [(0, None, 0.1), (1, None, 0.9), (2, None, None)]
+    assert "Lyon" not in kept_nothing.to_json().decode() and "classified" not in kept_nothing.to_json().decode()
+
+
+def test_records_written_before_candidates_were_recorded_still_read():
+    data = json.loads(record_of(finished()).to_json())
+    del data["choices"][0]["candidates"]
+    assert AuditRecord.from_dict(data).choices[0].candidates == ()

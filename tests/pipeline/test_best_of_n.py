@@ -98,6 +98,16 @@ async def test_refused_candidates_are_dropped(reranker: Reranker):
     assert refused_entry["refused_by"] == "output_filter" and "score" not in refused_entry
 
 
+async def test_the_trace_shows_the_texts_of_candidates_that_were_not_refused_only(reranker: Reranker):
+    policy, step = make(reranker)
+    ctx = context(policy, OFF_TOPIC, ON_TOPIC, "I like trains.")
+    refuse(ctx.candidates[2])
+    await step.select(ctx)
+    entries = ctx.detail["candidates"]
+    assert [e.get("text") for e in entries] == [OFF_TOPIC, ON_TOPIC, None]
+    assert "trains" not in repr(ctx.detail)  # a refused candidate's text never reaches a client's trace
+
+
 async def test_all_refused_returns_none_without_scoring(reranker: Reranker):
     policy, step = make(reranker, reward={"type": "sequence_classifier", "path": "/nonexistent"})
     ctx = context(policy, ON_TOPIC, OFF_TOPIC)
