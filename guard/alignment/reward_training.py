@@ -1,7 +1,7 @@
 """Reward models trained on preference pairs with a Bradley–Terry loss (`guard reward train`).
 
 Two kinds:
-  head                 a linear head over the bundled sentence embeddings (guard.rerank.trained): a logistic
+  head                 a linear head over the bundled sentence embeddings and reply length (guard.rerank.trained): a logistic
                        regression on feature differences, which is exactly Bradley–Terry for a linear score.
                        CPU, seconds. Policies use it as `reward: {type: trained, path: HEAD.json}`.
   sequence-classifier  fine-tunes any local transformers causal LM as a one-logit sequence classifier
@@ -51,6 +51,35 @@ def _accuracy(margins: np.ndarray) -> float:
     return float((margins > 0).mean()) if len(margins) else float("nan")
 
 
+def _mirrored(differences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Both orders, so the fit is symmetric and needs no intercept: P(chosen > rejected) = sigmoid(w . (f_c - f_r)).
+    return np.concatenate([differences, -differences]), np.r_[np.ones(len(differences)), np.zeros(len(differences))]
+
+
+def _cross_validated_c(differences: np.ndarray, prompts: list[str], folds: int = 5) -> float:
+    """The inverse penalty with the best pairwise accuracy on held-out prompts, over 5 folds of prompts.
+
+    Hundreds of dimensions and often a few hundred pairs: the penalty decides whether the head learns the
+    preference or the pairs it was shown.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+
+    candidates = np.logspace(-5, 2, 15)
+    if len(set(prompts)) < 2:
+        return 1.0
+    splits = list(GroupKFold(min(folds, len(set(prompts)))).split(differences, groups=prompts))
+    accuracy = []
+    for c in candidates:
+        correct = 0
+        for fit_rows, check_rows in splits:
+            fit = LogisticRegression(C=c, fit_intercept=False, max_iter=4000).fit(*_mirrored(differences[fit_rows]))
+            correct += int((differences[check_rows] @ fit.coef_[0] > 0).sum())
+        accuracy.append(correct)
+    # Ties go to the stronger penalty (the simpler head).
+    return float(candidates[int(np.argmax(accuracy))])
+
+
 def train_head(
     pairs: list[PreferencePair],
     out: Path,
@@ -58,7 +87,7 @@ def train_head(
     encoder: str | None = None,
     heldout_fraction: float = 0.2,
     seed: int = 0,
-    regularization: float = 1.0,
+    regularization: float | None = None,
 ) -> TrainReport:
     from sentence_transformers import SentenceTransformer
     from sklearn.linear_model import LogisticRegression
@@ -77,13 +106,14 @@ def train_head(
 
     def difference(pair: PreferencePair) -> np.ndarray:
         query = embedded[index[user_text(pair.prompt)]]
-        both = features(query, embedded[[index[pair.chosen], index[pair.rejected]]])
+        both = features(query, embedded[[index[pair.chosen], index[pair.rejected]]], [pair.chosen, pair.rejected])
         return (both[0] - both[1]).numpy()
 
     x_train = np.stack([difference(pair) for pair in train])
-    # Both orders, so the fit is symmetric and needs no intercept: P(chosen > rejected) = sigmoid(w . (f_c - f_r)).
-    fit = LogisticRegression(C=regularization, fit_intercept=False, max_iter=2000)
-    fit.fit(np.concatenate([x_train, -x_train]), np.r_[np.ones(len(train)), np.zeros(len(train))])
+    if regularization is None:
+        regularization = _cross_validated_c(x_train, [pair.prompt_key() for pair in train])
+    fit = LogisticRegression(C=regularization, fit_intercept=False, max_iter=4000)
+    fit.fit(*_mirrored(x_train))
     weights = fit.coef_[0].astype(np.float32)
     x_held = np.stack([difference(pair) for pair in held]) if held else np.zeros((0, len(weights)), dtype=np.float32)
     report = TrainReport(
@@ -100,7 +130,7 @@ def train_head(
         "pairs_sha256": _fingerprint(pairs),
         "heldout_fraction": heldout_fraction,
         "seed": seed,
-        "regularization": regularization,
+        "inverse_regularization_c": regularization,
         **{key: value for key, value in asdict(report).items() if key not in ("out", "kind")},
     }
     save_head(head_of(weights, encoder=encoder, training=training), out)

@@ -294,11 +294,11 @@ class EmbeddingSource(LocalSource[_Texts]):
         for item in prepared:
             query = embeddings[start]
             replies = embeddings[start + 1 : start + 1 + len(item.candidates)]
-            out.append(self.rate(query, replies).tolist())
+            out.append(self.rate(query, replies, item.candidates).tolist())
             start += 1 + len(item.candidates)
         return out
 
-    def rate(self, query: torch.Tensor, replies: torch.Tensor) -> torch.Tensor:
+    def rate(self, query: torch.Tensor, replies: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """One score per reply from the embeddings: cosine similarity."""
         return replies @ query
 
@@ -319,5 +319,5 @@ class TrainedHeadSource(EmbeddingSource):
             raise RerankError(f"{config.path}: head is for {head.dims}-dim embeddings; its encoder gives {dims}")
         self.weights = torch.from_numpy(weights.copy()).to(device)
 
-    def rate(self, query: torch.Tensor, replies: torch.Tensor) -> torch.Tensor:
-        return features(query, replies) @ self.weights
+    def rate(self, query: torch.Tensor, replies: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        return features(query, replies, texts) @ self.weights

@@ -1,9 +1,10 @@
 """Reward heads trained from users' preferences (`guard reward train`), and how they score.
 
 A head scores a reply to a request from sentence embeddings: features are the
-reply's embedding and its element-wise product with the request's (what the
-reply says, and how it relates to what was asked), and the score is their dot
-product with the head's weights. Trained with a Bradley–Terry loss on
+reply's embedding, its element-wise product with the request's (what the reply
+says, and how it relates to what was asked) and the log of its length in words
+(a mean-pooled, normalised embedding cannot see length, and users' preferences
+often track it), and the score is their dot product with the head's weights. Trained with a Bradley–Terry loss on
 (chosen, rejected) pairs, the difference of two scores is the log-odds that
 users prefer the first. The artefact is one JSON file: weights as float32
 base64, plus what it was trained on and its held-out pairwise accuracy.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,20 +32,21 @@ class RewardHead(BaseModel):
     format: Literal["guard-reward/1"]
     kind: Literal["embedding_head"] = "embedding_head"
     encoder: str | None = Field(None, description="Sentence-transformers model directory; None: the bundled MiniLM.")
-    dims: int = Field(..., ge=1, description="Embedding width; the weights have 2 x dims entries.")
+    dims: int = Field(..., ge=1, description="Embedding width; the weights have 2 x dims + 1 entries.")
     weights: str = Field(..., description="float32 little-endian, base64.")
     training: dict[str, Any] = Field(default_factory=dict, description="Data, split and held-out pairwise accuracy.")
 
     def vector(self) -> np.ndarray:
         array = np.frombuffer(base64.b64decode(self.weights), dtype="<f4")
-        if array.shape != (2 * self.dims,):
-            raise ValueError(f"weights have {array.size} entries; expected {2 * self.dims}")
+        if array.shape != (2 * self.dims + 1,):
+            raise ValueError(f"weights have {array.size} entries; expected {2 * self.dims + 1}")
         return array
 
 
-def features(query: torch.Tensor, replies: torch.Tensor) -> torch.Tensor:
-    """[n, 2d] from a request's embedding [d] and its replies' [n, d] (both L2-normalised)."""
-    return torch.cat([replies, replies * query[None, :]], dim=1)
+def features(query: torch.Tensor, replies: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+    """[n, 2d + 1] from a request's embedding [d], its replies' [n, d] (both L2-normalised) and their texts."""
+    words = torch.tensor([math.log1p(len(text.split())) for text in texts], dtype=replies.dtype, device=replies.device)
+    return torch.cat([replies, replies * query[None, :], words[:, None]], dim=1)
 
 
 def save_head(head: RewardHead, path: Path) -> None:
@@ -53,7 +57,7 @@ def save_head(head: RewardHead, path: Path) -> None:
 def head_of(weights: np.ndarray, *, encoder: str | None, training: dict[str, Any]) -> RewardHead:
     vector = np.ascontiguousarray(weights, dtype="<f4")
     return RewardHead(
-        format=FORMAT, encoder=encoder, dims=vector.size // 2, weights=base64.b64encode(vector.tobytes()).decode(), training=training
+        format=FORMAT, encoder=encoder, dims=(vector.size - 1) // 2, weights=base64.b64encode(vector.tobytes()).decode(), training=training
     )
 
 
