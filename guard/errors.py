@@ -54,6 +54,12 @@ class NotFound(GuardError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class FailedPrecondition(GuardError):
+    """The request is well formed but the server's state refuses it (e.g. feedback while the audit log is off)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unauthenticated(GuardError):
     code = grpc.StatusCode.UNAUTHENTICATED
 

@@ -1,11 +1,13 @@
 """The audit log: one record per request guard answered (or failed), kept in a store operators query.
 
-`record` defines what a record holds, `store` what any store does, `sqlite` the store guard ships,
-`report` what `guard audit` prints and plots.
+`record` defines what a record holds, `feedback` what users say about an answer (stored beside its record),
+`store` what any store does, `sqlite` the store guard ships, `report` what `guard audit` prints and plots.
 """
 
+from guard.audit.feedback import Feedback, FoundRecord
 from guard.audit.record import (
     AuditRecord,
+    CandidateRecord,
     ChoiceRecord,
     Finished,
     RefusalRecord,
@@ -22,9 +24,12 @@ __all__ = [
     "AuditQuery",
     "AuditRecord",
     "AuditStore",
+    "CandidateRecord",
     "ChoiceRecord",
     "DailyCount",
+    "Feedback",
     "Finished",
+    "FoundRecord",
     "RefusalRecord",
     "Retained",
     "SQLiteAuditStore",

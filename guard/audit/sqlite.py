@@ -11,6 +11,11 @@ freed pages go back to the file system (auto_vacuum=INCREMENTAL).
 
 Several processes (`guard serve --workers N`) may share one file: SQLite serialises their write
 transactions, each waits up to BUSY_TIMEOUT_SECONDS for the others.
+
+Feedback (guard.audit.feedback) lives in a second table whose rows reference their record (ON DELETE
+CASCADE: retention deletes a record's feedback with it). It is rare beside requests and written at once by
+the caller's thread, not queued: the caller waits to learn it was stored. Schema version 2 added it;
+opening a version-1 file (writer or reader) adds the table in place.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from guard.audit.feedback import Feedback, FoundRecord
 from guard.audit.record import AuditRecord, Finished, record_of
 from guard.audit.store import AuditObserver, AuditQuery, DailyCount, Retained, Unobserved
 
 log = logging.getLogger(__name__)
 
-# Bumped with every change to the tables (a feedback table beside `audit` will be version 2).
-SCHEMA_VERSION = 1
+# Bumped with every change to the tables: 1 the audit table, 2 the feedback table beside it.
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
@@ -49,7 +55,23 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_time ON audit (time);
 CREATE INDEX IF NOT EXISTS audit_request_id ON audit (request_id);
 CREATE INDEX IF NOT EXISTS audit_policy_time ON audit (policy, time);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY,
+    audit_id INTEGER NOT NULL REFERENCES audit (id) ON DELETE CASCADE,
+    time REAL NOT NULL,
+    request_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    thumbs INTEGER,         -- 1 up, 0 down, NULL none
+    rating INTEGER,         -- 1-5, NULL none
+    preferred_index INTEGER,
+    correction TEXT,
+    comment TEXT NOT NULL,
+    choice INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_audit_id ON feedback (audit_id);
 """
+FEEDBACK_COLUMNS = "request_id, thumbs, rating, preferred_index, correction, comment, choice, tenant, time"
+INSERT_FEEDBACK = f"INSERT INTO feedback (audit_id, {FEEDBACK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 INSERT = (
     "INSERT INTO audit (time, request_id, rpc, tenant, policy, outcome, status, step, rule, fail_opens, record) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -264,19 +286,77 @@ class SQLiteAuditStore:
             raise FileNotFoundError(f"no audit database at {self.path}")
         connection = self._connect()
         (version,) = connection.execute("PRAGMA user_version").fetchone()
-        if version != SCHEMA_VERSION:
+        if 0 < version < SCHEMA_VERSION:
+            try:
+                _create(connection)  # an older guard's file: migrated in place
+            except sqlite3.Error as exc:
+                connection.close()
+                raise RuntimeError(f"{self.path}: cannot migrate audit schema {version} to {SCHEMA_VERSION}: {exc}") from exc
+        elif version != SCHEMA_VERSION:
             connection.close()
             raise RuntimeError(f"{self.path}: audit schema version {version}, this guard reads {SCHEMA_VERSION}")
         return connection
 
     def _connect(self, *, check_same_thread: bool = True) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=check_same_thread)
+        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=check_same_thread)
+        # Per connection: feedback must name a record that exists, and goes when its record is deleted.
+        connection.execute("PRAGMA foreign_keys = ON")
+        return connection
+
+    # --- feedback ----------------------------------------------------------------------------
+
+    def find(self, request_id: str, tenant: str) -> FoundRecord | None:
+        connection = self._reader()
+        try:
+            row = connection.execute(
+                "SELECT id, record FROM audit WHERE request_id = ? AND tenant = ? ORDER BY time DESC, id DESC LIMIT 1",
+                (request_id, tenant),
+            ).fetchone()
+        finally:
+            connection.close()
+        return None if row is None else FoundRecord(row[0], AuditRecord.from_json(row[1]))
+
+    def add_feedback(self, key: int, feedback: Feedback) -> bool:
+        connection = self._reader()
+        try:
+            with connection:
+                connection.execute(INSERT_FEEDBACK, (key, *_feedback_row(feedback)))
+        except sqlite3.IntegrityError:
+            return False  # the record was deleted since it was found
+        finally:
+            connection.close()
+        return True
+
+    def query_with_feedback(self, query: AuditQuery) -> Iterator[tuple[AuditRecord, tuple[Feedback, ...]]]:
+        where, params = _where(query)
+        order = "DESC" if query.newest_first else "ASC"
+        sql = f"SELECT id, record FROM audit{where} ORDER BY time {order}, id {order}"
+        limit = [] if query.limit is None else [query.limit]
+        if query.limit is not None:
+            sql += " LIMIT ?"
+        connection = self._reader()
+        try:
+            feedback: dict[int, list[Feedback]] = collections.defaultdict(list)
+            for key, *row in connection.execute(
+                f"SELECT audit_id, {FEEDBACK_COLUMNS} FROM feedback WHERE audit_id IN (SELECT id FROM audit{where}) "
+                "ORDER BY time, id",
+                params,
+            ):
+                feedback[key].append(_feedback_of(row))
+            for key, record in connection.execute(sql, [*params, *limit]):
+                yield AuditRecord.from_json(record), tuple(feedback.get(key, ()))
+        finally:
+            connection.close()
 
 
 def _create(connection: sqlite3.Connection) -> None:
+    """Creates the tables, or migrates an older schema in place: every statement is IF NOT EXISTS, so on a
+    version-1 file (the audit table alone) it adds the feedback table and leaves the records as they are."""
     (version,) = connection.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
         raise RuntimeError(f"audit database written by a newer guard (schema {version}, this one knows {SCHEMA_VERSION})")
+    if 0 < version < SCHEMA_VERSION:
+        log.info("audit: migrating the audit database from schema %d to %d (adds the feedback table)", version, SCHEMA_VERSION)
     # Only takes effect before the first table exists: set on a new file, a no-op later.
     connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
     connection.execute("PRAGMA journal_mode = WAL")
@@ -300,6 +380,29 @@ def _row(record: AuditRecord) -> tuple:
         refusal.rule if refusal is not None else "",
         record.fail_opens,
         record.to_json().decode(),
+    )
+
+
+def _feedback_row(feedback: Feedback) -> tuple:
+    thumbs = None if feedback.thumbs is None else int(feedback.thumbs)
+    return (
+        feedback.request_id, thumbs, feedback.rating, feedback.preferred_index, feedback.correction, feedback.comment,
+        feedback.choice, feedback.tenant, feedback.time,
+    )
+
+
+def _feedback_of(row) -> Feedback:
+    request_id, thumbs, rating, preferred_index, correction, comment, choice, tenant, at = row
+    return Feedback(
+        request_id=request_id,
+        thumbs=None if thumbs is None else bool(thumbs),
+        rating=rating,
+        preferred_index=preferred_index,
+        correction=correction,
+        comment=comment,
+        choice=choice,
+        tenant=tenant,
+        time=at,
     )
 
 
@@ -332,4 +435,7 @@ def _where(query: AuditQuery) -> tuple[str, list]:
         params.append(query.until)
     if query.fail_open is not None:
         clauses.append("fail_opens > 0" if query.fail_open else "fail_opens = 0")
+    if query.feedback is not None:
+        exists = "EXISTS (SELECT 1 FROM feedback WHERE feedback.audit_id = audit.id)"
+        clauses.append(exists if query.feedback else f"NOT {exists}")
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params

@@ -1,5 +1,6 @@
 """What an audit store does, whatever the database: the SQLite store implements it, and a
-PostgreSQL one could (every method is a plain INSERT, DELETE or SELECT ... GROUP BY there too)."""
+PostgreSQL one could (every method is a plain INSERT, DELETE or SELECT ... GROUP BY there too; feedback is
+a second table whose rows reference a record and go with it: ON DELETE CASCADE)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from guard.audit.feedback import Feedback, FoundRecord
 from guard.audit.record import AuditRecord, Finished, Outcome
 
 
@@ -23,6 +25,7 @@ class AuditQuery:
     request_id: str | None = None
     tenant: str | None = None
     fail_open: bool | None = None  # True: only requests some rule let pass after failing
+    feedback: bool | None = None  # True: only requests with feedback; False: only those without
     limit: int | None = None
     newest_first: bool = True
 
@@ -67,7 +70,18 @@ class AuditStore(Protocol):
     def daily_counts(self, since: float, until: float | None = None) -> list[DailyCount]: ...
 
     def retain(self, now: float | None = None) -> Retained:
-        """Deletes records older than the maximum age, then the oldest until the store fits its size."""
+        """Deletes records older than the maximum age, then the oldest until the store fits its size (a
+        record's feedback goes with it)."""
+
+    def find(self, request_id: str, tenant: str) -> FoundRecord | None:
+        """The newest written record with this request id and tenant (ids can repeat: clients choose them)."""
+
+    def add_feedback(self, key: int, feedback: Feedback) -> bool:
+        """Stores feedback on the record `find` returned as `key`; False when that record is gone meanwhile
+        (retention deleted it)."""
+
+    def query_with_feedback(self, query: AuditQuery) -> Iterator[tuple[AuditRecord, tuple[Feedback, ...]]]:
+        """Records matching the query, each with its feedback (oldest first; possibly none)."""
 
 
 class AuditObserver(Protocol):

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from guard import metrics
-from guard.audit import AuditQuery, SQLiteAuditStore
+from guard.audit import AuditQuery, Feedback, SQLiteAuditStore
 from guard.audit.sqlite import SCHEMA_VERSION
 from tests.audit.made import DAY, finished
 
@@ -181,3 +181,120 @@ def test_an_unwritable_path_fails_start_with_the_path_in_the_message(tmp_path):
 def test_reading_a_missing_database_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no audit database"):
         list(SQLiteAuditStore(tmp_path / "missing.db").query(AuditQuery()))
+
+
+# Feedback beside the records (schema version 2)
+
+V1_SCHEMA = """
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY, time REAL NOT NULL, request_id TEXT NOT NULL, rpc TEXT NOT NULL, tenant TEXT NOT NULL,
+    policy TEXT NOT NULL, outcome TEXT NOT NULL, status TEXT NOT NULL, step TEXT NOT NULL, rule TEXT NOT NULL,
+    fail_opens INTEGER NOT NULL, record TEXT NOT NULL
+);
+CREATE INDEX audit_time ON audit (time);
+CREATE INDEX audit_request_id ON audit (request_id);
+CREATE INDEX audit_policy_time ON audit (policy, time);
+PRAGMA user_version = 1;
+"""
+
+
+def version_1_file(path, *records) -> None:
+    """A database as the first audit release wrote it: the audit table alone, schema version 1."""
+    from guard.audit import record_of
+    from guard.audit.sqlite import _row
+
+    with sqlite3.connect(path) as connection:
+        connection.executescript(V1_SCHEMA)
+        connection.executemany(
+            "INSERT INTO audit (time, request_id, rpc, tenant, policy, outcome, status, step, rule, fail_opens, record) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [_row(record_of(finished)) for finished in records],
+        )
+    connection.close()
+
+
+def tables(path) -> set[str]:
+    with sqlite3.connect(path) as connection:
+        names = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    connection.close()
+    return names
+
+
+def user_version(path) -> int:
+    with sqlite3.connect(path) as connection:
+        (version,) = connection.execute("PRAGMA user_version").fetchone()
+    connection.close()
+    return version
+
+
+def test_a_version_1_file_is_migrated_in_place_when_guard_starts_on_it(tmp_path):
+    path = tmp_path / "audit.db"
+    version_1_file(path, finished("before", text="full"))
+    assert tables(path) == {"audit"} and SCHEMA_VERSION == 2
+    store = SQLiteAuditStore(path)
+    store.start()
+    store.submit(finished("after"))
+    store.close()
+    assert user_version(path) == 2 and tables(path) == {"audit", "feedback"}
+    assert ids(store.query(AuditQuery())) == ["after", "before"]
+    found = store.find("before", "acme")
+    assert found is not None and found.record.input == "hello there"
+    assert store.add_feedback(found.key, Feedback("before", thumbs=True, tenant="acme"))
+
+
+def test_reading_a_version_1_file_migrates_it_too(tmp_path):
+    path = tmp_path / "audit.db"
+    version_1_file(path, finished("old"))
+    reader = SQLiteAuditStore(path)  # `guard audit query` or `guard export preferences` on an old file
+    assert [(r.request_id, f) for r, f in reader.query_with_feedback(AuditQuery())] == [("old", ())]
+    assert user_version(path) == 2
+
+
+def test_find_gives_the_newest_record_of_an_id_for_that_tenant_only(store):
+    now = time.time()
+    store.submit(finished("dup", answer="first", text="full", at=now - 20))
+    store.submit(finished("dup", answer="second", text="full", at=now - 10))
+    store.submit(finished("dup", answer="zeta's", text="full", tenant="zeta", at=now - 5))
+    store.flush()
+    assert store.find("dup", "acme").record.choices[0].output == "second"
+    assert store.find("dup", "zeta").record.choices[0].output == "zeta's"
+    assert store.find("dup", "other") is None and store.find("nope", "acme") is None
+
+
+def test_feedback_is_read_back_with_its_record(store):
+    store.submit(finished("a", text="full"))
+    store.submit(finished("b", text="full"))
+    store.flush()
+    a = store.find("a", "acme")
+    first = Feedback("a", thumbs=False, comment="too long", tenant="acme", time=1.0)
+    second = Feedback("a", rating=4, preferred_index=1, correction="Shorter.", choice=0, tenant="acme", time=2.0)
+    assert store.add_feedback(a.key, first) and store.add_feedback(a.key, second)
+    assert [(r.request_id, f) for r, f in store.query_with_feedback(AuditQuery(newest_first=False))] == [
+        ("a", (first, second)), ("b", ()),
+    ]
+    assert [r.request_id for r, _ in store.query_with_feedback(AuditQuery(feedback=True))] == ["a"]
+    assert [r.request_id for r, _ in store.query_with_feedback(AuditQuery(feedback=False))] == ["b"]
+    assert ids(store.query(AuditQuery(feedback=True, request_id="a"))) == ["a"]
+
+
+def test_feedback_on_a_record_that_is_gone_is_refused(store):
+    store.submit(finished("a"))
+    store.flush()
+    key = store.find("a", "acme").key
+    assert not store.add_feedback(key + 1000, Feedback("a", thumbs=True, tenant="acme"))
+
+
+def test_retention_deletes_feedback_with_its_record(tmp_path):
+    store = SQLiteAuditStore(tmp_path / "audit.db", max_age_seconds=30 * DAY)
+    store.start()
+    now = time.time()
+    store.submit(finished("old", at=now - 40 * DAY))
+    store.submit(finished("new", at=now - DAY))
+    store.flush()
+    for request_id in ("old", "new"):
+        assert store.add_feedback(store.find(request_id, "acme").key, Feedback(request_id, thumbs=True, tenant="acme"))
+    assert store.retain(now=now).by_age == 1
+    store.close()
+    with sqlite3.connect(store.path) as connection:
+        assert connection.execute("SELECT request_id FROM feedback").fetchall() == [("new",)]
+    connection.close()
