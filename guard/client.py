@@ -4,6 +4,12 @@
     with GuardClient("127.0.0.1:50051") as guard:
         answer = guard.generate("What is the capital of France?", policy="safe-assistant")
         print(answer.text)
+
+A labelling UI (or a simulated user) asks a best_of_n policy with trace=True, shows `answer.candidates`
+(index and text of every candidate that was not refused) and sends what the user preferred:
+
+        answer = guard.generate(prompt, policy="best-of-n", trace=True)
+        guard.feedback(answer.request_id, preferred_index=answer.candidates[1].index)
 """
 
 from __future__ import annotations
@@ -22,6 +28,17 @@ from guard.v1 import guard_pb2_grpc
 ChatInput = Sequence[tuple[str, str]] | Sequence[dict[str, str]]
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One best_of_n candidate, as the trace shows it."""
+
+    index: int  # what Feedback's preferred_index names
+    text: str | None  # None when it was refused: guard never shows a refused candidate's text
+    score: float | None  # its reward score (None when not scored: refused, or the reward failed)
+    refused: bool
+    chosen: bool  # the answer
+
+
 @dataclass
 class Answer:
     text: str
@@ -33,6 +50,36 @@ class Answer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     trace: dict[str, Any] | None = None
+    request_id: str = ""  # what feedback names (the x-request-id sent, or the id guard made)
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        """best_of_n's candidates from the trace (generate with trace=True); [] without a trace or best_of_n."""
+        for step in (self.trace or {}).get("steps", []):
+            if step.get("type") != "best_of_n" or step.get("phase") != "select":
+                continue
+            detail = step.get("detail", {})
+            chosen = detail.get("chosen")
+            return [
+                Candidate(
+                    index=int(entry["index"]),
+                    text=entry.get("text"),
+                    score=entry.get("score"),
+                    refused="refused_by" in entry,
+                    chosen=chosen is not None and int(entry["index"]) == int(chosen),
+                )
+                for entry in detail.get("candidates", [])
+            ]
+        return []
+
+
+@dataclass(frozen=True)
+class FeedbackReceipt:
+    """Feedback guard stored: on the request with this id, which this policy (version) answered."""
+
+    request_id: str
+    policy: str
+    policy_version: str
 
 
 @dataclass
@@ -106,6 +153,7 @@ def _answer(text: str, message: pb.GenerateResponse | pb.GenerateStreamResponse,
         prompt_tokens=message.usage.prompt_tokens,
         completion_tokens=message.usage.completion_tokens,
         trace=MessageToDict(message.trace, always_print_fields_with_no_presence=True) if with_trace else None,
+        request_id=message.request_id,
     )
 
 
@@ -137,6 +185,9 @@ class GuardClient:
     def close(self) -> None:
         self.channel.close()
 
+    def _call_metadata(self, request_id: str | None) -> tuple[tuple[str, str], ...]:
+        return self.metadata + ((("x-request-id", request_id),) if request_id else ())
+
     def generate(
         self,
         prompt: str | ChatInput,
@@ -150,9 +201,11 @@ class GuardClient:
         metadata: dict[str, str] | None = None,
         trace: bool = False,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Answer:
+        """`request_id`: sent as x-request-id (None: guard makes one); either way it comes back as Answer.request_id."""
         request = _request(prompt, policy, max_tokens, temperature, top_p, seed, stop, metadata, trace)
-        response = self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
+        response = self.stub.Generate(request, timeout=timeout, metadata=self._call_metadata(request_id))
         return _answer(response.text, response, trace)
 
     def stream(
@@ -168,6 +221,7 @@ class GuardClient:
         metadata: dict[str, str] | None = None,
         trace: bool = False,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Iterator[str | Answer]:
         """Yields text pieces as they arrive, then one Answer with the whole text.
 
@@ -176,7 +230,7 @@ class GuardClient:
         """
         request = _request(prompt, policy, max_tokens, temperature, top_p, seed, stop, metadata, trace)
         pieces: list[str] = []
-        for message in self.stub.GenerateStream(request, timeout=timeout, metadata=self.metadata):
+        for message in self.stub.GenerateStream(request, timeout=timeout, metadata=self._call_metadata(request_id)):
             if message.text:
                 pieces.append(message.text)
                 yield message.text
@@ -204,3 +258,35 @@ class GuardClient:
                 role, content = (item["role"], item["content"]) if isinstance(item, dict) else item
                 request.messages.messages.add(role=role, content=content)
         return list(self.stub.Score(request, timeout=timeout, metadata=self.metadata).scores)
+
+    def feedback(
+        self,
+        request_id: str,
+        *,
+        thumbs: bool | None = None,
+        rating: int | None = None,
+        preferred_index: int | None = None,
+        correction: str | None = None,
+        comment: str = "",
+        choice: int = 0,
+        timeout: float | None = None,
+    ) -> FeedbackReceipt:
+        """What the user thought of the answer with this request id (Answer.request_id): thumbs (True: up) or a
+        rating (1-5), a preferred best_of_n candidate (Candidate.index), a correction; and a comment.
+
+        Raises grpc.RpcError: NOT_FOUND (no such request of this key's tenant), FAILED_PRECONDITION (guard runs
+        without --audit-db, or the policy keeps no text), INVALID_ARGUMENT (naming the field).
+        """
+        if thumbs is not None and rating is not None:
+            raise ValueError("rating: give thumbs or a rating, not both")
+        request = pb.FeedbackRequest(request_id=request_id, comment=comment, choice=choice)
+        if thumbs is not None:
+            request.thumbs = thumbs
+        if rating is not None:
+            request.rating = rating
+        if preferred_index is not None:
+            request.preferred_index = preferred_index
+        if correction is not None:
+            request.correction = correction
+        response = self.stub.Feedback(request, timeout=timeout, metadata=self.metadata)
+        return FeedbackReceipt(response.request_id, response.policy, response.policy_version)

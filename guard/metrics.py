@@ -17,6 +17,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    Summary,
     start_http_server,
 )
 
@@ -251,3 +252,27 @@ class AuditMetrics:
 
     def deleted(self, reason: str, records: int) -> None:
         AUDIT_DELETED.labels(reason=reason).inc(records)
+
+
+# --- Feedback (guard.audit.feedback): what users said about answers, by policy. Never any text. ---
+
+FEEDBACK = Counter(
+    "guard_feedback_total",
+    "Feedback stored, by the policy that answered and kind (thumbs_up, thumbs_down, rating, preferred, correction, "
+    "comment; one feedback can carry several kinds).",
+    ["policy", "kind"],
+    registry=REGISTRY,
+)
+FEEDBACK_RATING = Summary(
+    "guard_feedback_rating",
+    "1-5 ratings by policy: mean rating = rate(guard_feedback_rating_sum[1h]) / rate(guard_feedback_rating_count[1h]).",
+    ["policy"],
+    registry=REGISTRY,
+)
+
+
+def feedback_received(policy: str, kinds: list[str], rating: int | None) -> None:
+    for kind in kinds:
+        child(FEEDBACK, policy, kind).inc()
+    if rating is not None:
+        child(FEEDBACK_RATING, policy).observe(rating)

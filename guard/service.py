@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,8 +19,9 @@ from typing import Any
 
 from guard import metrics
 from guard.access import AccessControl, Tenant
-from guard.audit import AuditStore, Finished, input_to_keep
-from guard.errors import Invalid, InvalidArgument, ResourceExhausted, status_for
+from guard.audit import AuditStore, Feedback, Finished, FoundRecord, input_to_keep
+from guard.audit.feedback import check_against, check_fields, not_found
+from guard.errors import FailedPrecondition, Invalid, InvalidArgument, ResourceExhausted, status_for
 from guard.limits import MAX_SCORE_CANDIDATES
 from guard.pipeline.runner import Pipeline, Pipelines, TextDelta
 from guard.policy.loader import LoadedPolicy
@@ -32,6 +34,10 @@ log = logging.getLogger(__name__)
 OVERLOAD_RETRY_SECONDS = 0.5
 # An audit record keeps this much of a failure's message (upstream errors can be long).
 AUDIT_ERROR_CHARS = 1000
+# Feedback on a request id the store does not have yet looks again after flushing this process's writer, then
+# once more after this long: the record can still be on its way (a stream's record is queued after its last
+# message is sent; under --workers another process's writer lingers 0.25 s before writing).
+FEEDBACK_RECHECK_SECONDS = 0.4
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,15 @@ class Observation:
             text=text,
             results=self.results,
         )
+
+
+@dataclass(frozen=True)
+class FeedbackReceipt:
+    """Feedback stored: on the request with this id, which this policy (version) answered."""
+
+    request_id: str
+    policy: str
+    policy_version: str
 
 
 class GuardService:
@@ -262,6 +277,42 @@ class GuardService:
         if step is None or reranker is None:
             raise InvalidArgument(Invalid.NO_REWARD.format(value=admission.policy))
         return admission, await reranker.score(step.reward, prompt, candidates)
+
+
+    async def feedback(self, tenant: Tenant, feedback: Feedback) -> FeedbackReceipt:
+        """Stores feedback on the newest request with its id of this tenant (see guard.audit.feedback).
+
+        InvalidArgument (a malformed field, an index the request does not have), FailedPrecondition (no audit
+        log; the request failed; its policy keeps no text), NotFound (no such request of this tenant: another
+        tenant's id is not found either), ResourceExhausted (the tenant's rate limit).
+        """
+        check_fields(feedback)
+        if self.audit is None:
+            raise FailedPrecondition(
+                "request_id: feedback is stored beside the audit log, which is off: start guard with --audit-db PATH"
+            )
+        self.access.admit(tenant)
+        found = await self._record_for_feedback(feedback.request_id, tenant.name)
+        record = found.record
+        check_against(feedback, record)
+        stored = dataclasses.replace(feedback, tenant=tenant.name, time=time.time())
+        if not await asyncio.to_thread(self.audit.add_feedback, found.key, stored):
+            raise not_found(feedback.request_id)  # retention deleted the record meanwhile
+        metrics.feedback_received(record.policy, stored.kinds, stored.rating)
+        return FeedbackReceipt(feedback.request_id, record.policy, record.policy_version)
+
+    async def _record_for_feedback(self, request_id: str, tenant: str) -> FoundRecord:
+        """The record, also when it is not written yet: a client may send feedback the moment its answer arrives."""
+        audit = self.audit
+        assert audit is not None
+        for wait in (None, 0.0, FEEDBACK_RECHECK_SECONDS):
+            if wait is not None:
+                await asyncio.sleep(wait)
+                await asyncio.to_thread(audit.flush)
+            found = await asyncio.to_thread(audit.find, request_id, tenant)
+            if found is not None:
+                return found
+        raise not_found(request_id)
 
 
 def visible_refusal(admission: Admission, refusal: Refusal) -> Refusal:

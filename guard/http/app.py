@@ -8,7 +8,8 @@ OpenAI's shapes, with guard's additions under `guard` keys (ignored by OpenAI cl
 - a refusal is a normal completion: finish_reason "content_filter", the refusal text as content
   (and as the chat message's `refusal`), the refusal details under the choice's `guard.refusal`;
 - `guard.policy` and `guard.policy_version` on the response (also X-Guard-Policy(-Version) headers);
-- the trace under the choice's `guard.trace` when asked for with `X-Guard-Trace: 1` and allowed.
+- the trace under the choice's `guard.trace` when asked for with `X-Guard-Trace: 1` and allowed;
+- `POST /v1/feedback`: what a user thought of an answer (the gRPC Feedback RPC's semantics).
 Policy: `model` = "guard/<policy>" (or the bare policy name), else the X-Guard-Policy header,
 else the key's tenant default, else the server default.
 """
@@ -36,6 +37,7 @@ from starlette.routing import Route
 
 from guard import limits
 from guard.errors import Cancelled, Invalid, InvalidArgument, NotFound, ResourceExhausted, status_for
+from guard.http.feedback import FeedbackBody
 from guard.http.openai_types import (
     POLICY_PREFIX,
     ChatCompletionRequest,
@@ -56,6 +58,7 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),  # as Google's APIs map it; OpenAI has none
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
@@ -264,6 +267,7 @@ class OpenAIDoor:
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
+                Route("/v1/feedback", self.feedback, methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
             ]
         )
@@ -309,6 +313,24 @@ class OpenAIDoor:
             return error_response(exc)
         observation.finish()
         return JSONResponse(found if model_id is not None else {"object": "list", "data": data})
+
+    async def feedback(self, request: Request) -> Response:
+        observation = self.service.begin("feedback")
+        try:
+            tenant = self.service.authenticate(request.headers.get("authorization"))
+            observation.tenant = tenant
+            body = _parse(await _read_body(request), FeedbackBody)
+            receipt = await self.service.feedback(tenant, body.to_feedback())
+            observation.policy = receipt.policy
+        except BaseException as exc:
+            observation.finish(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return error_response(exc)
+        observation.finish()
+        return JSONResponse(
+            {"object": "feedback", "request_id": receipt.request_id, "policy": receipt.policy, "policy_version": receipt.policy_version}
+        )
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._generate(request, ChatCompletionRequest, "chat.completions")

@@ -6,6 +6,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.json_format import ParseDict
 
 from guard import limits
+from guard.audit import Feedback
 from guard.errors import Invalid, InvalidArgument
 from guard.service import Admission, jsonable, visible_refusal
 from guard.types import GenerateInput, GenerateResult, Message, Sampling
@@ -62,6 +63,20 @@ def generate_input(request: pb.GenerateRequest, request_id: str | None = None) -
         metadata=metadata,
         include_trace=request.include_trace,
         request_id=limits.request_id(request_id),
+    )
+
+
+def feedback_of(request: pb.FeedbackRequest) -> Feedback:
+    """Unchecked: GuardService.feedback validates it as it validates the HTTP door's."""
+    verdict = request.WhichOneof("verdict")
+    return Feedback(
+        request_id=request.request_id,
+        thumbs=request.thumbs if verdict == "thumbs" else None,
+        rating=request.rating if verdict == "rating" else None,
+        preferred_index=request.preferred_index if request.HasField("preferred_index") else None,
+        correction=request.correction if request.HasField("correction") else None,
+        comment=request.comment,
+        choice=request.choice,
     )
 
 

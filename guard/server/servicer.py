@@ -114,3 +114,12 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
             observation.admitted(admission)
             best = max(range(len(scores)), key=scores.__getitem__)
             return pb.ScoreResponse(scores=scores, best_index=best, policy=admission.policy, policy_version=admission.loaded.version)
+
+    @unary_statuses
+    async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
+        with self.service.observe("Feedback") as observation:
+            tenant = self.service.authenticate(_caller(context)[0])
+            observation.tenant = tenant
+            receipt = await self.service.feedback(tenant, convert.feedback_of(request))
+            observation.policy = receipt.policy
+            return pb.FeedbackResponse(request_id=receipt.request_id, policy=receipt.policy, policy_version=receipt.policy_version)
