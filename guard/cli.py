@@ -1,5 +1,5 @@
 """The `guard` command: serve, ask, health, policy check|schema, keys new|hash|check, filter train, model prepare,
-audit query|summary|export, reward train."""
+audit query|summary|export, export preferences, reward train."""
 
 from __future__ import annotations
 
@@ -373,6 +373,42 @@ def _audit_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@_audit_command
+def _export_preferences(args: argparse.Namespace) -> int:
+    from guard.alignment.export import SOURCES, export_preferences
+    from guard.audit.report import parse_time
+
+    if args.heldout and not args.heldout_out:
+        raise ValueError("--heldout needs --heldout-out FILE for the held-out pairs")
+    report = export_preferences(
+        _audit_store(args),
+        Path(args.out),
+        heldout=args.heldout,
+        heldout_out=Path(args.heldout_out) if args.heldout_out else None,
+        policy=args.policy,
+        since=parse_time(args.since) if args.since else None,
+        until=parse_time(args.until) if args.until else None,
+        tenant=args.tenant,
+        from_rewards=args.from_rewards,
+        corrections_of_refusals=args.corrections_of_refusals,
+        seed=args.seed,
+    )
+    held = f" ({report.heldout_written} held out to {args.heldout_out})" if args.heldout_out else ""
+    print(f"wrote {report.pairs_written} pairs to {args.out}{held} from {report.records} records")
+    for source in SOURCES:
+        print(f"  {source:11} {report.by_source[source]:6d}")
+    for reason, count in sorted(report.skipped.items()):
+        print(f"  skipped: {count} {reason}")
+    if not report.pairs:
+        print(
+            "error: no preference pairs: no feedback with a preferred_index, a correction or ratings that differ for the "
+            "same prompt in these records (--from-rewards MARGIN adds pairs from best_of_n reward scores)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard", description="Inference-time alignment proxy in front of vLLM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -502,6 +538,30 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_audit_export)
     for command in (query, summary, export):
         command.add_argument("--db", default=os.environ.get("GUARD_AUDIT_DB"), help="the audit database [GUARD_AUDIT_DB]")
+
+    exports = commands.add_parser("export", help="data from the audit log").add_subparsers(dest="export_command", required=True)
+    preferences = exports.add_parser(
+        "preferences", help="preference pairs (TRL's prompt/chosen/rejected JSON lines) from feedback on audited answers"
+    )
+    preferences.add_argument("--db", default=os.environ.get("GUARD_AUDIT_DB"), help="the audit database [GUARD_AUDIT_DB]")
+    preferences.add_argument("--out", required=True, help="JSON lines of training pairs (what guard reward train --pairs reads)")
+    preferences.add_argument("--heldout", type=float, default=0.0, help="share of prompts held out, e.g. 0.2 [0: none]")
+    preferences.add_argument("--heldout-out", help="JSON lines of the held-out pairs (with --heldout)")
+    preferences.add_argument("--policy", help="only requests this policy answered")
+    preferences.add_argument("--tenant", help="only this tenant's requests")
+    preferences.add_argument("--since", help=since_help)
+    preferences.add_argument("--until", help="up to (ages or dates, as --since)")
+    preferences.add_argument(
+        "--from-rewards", type=float, metavar="MARGIN",
+        help="also pair best_of_n candidates of requests without feedback: highest over lowest reward score, "
+        "when they differ by at least MARGIN",
+    )
+    preferences.add_argument(
+        "--corrections-of-refusals", action="store_true",
+        help="also pair corrections of refused answers (left out by default: one may be the very text the policy refused)",
+    )
+    preferences.add_argument("--seed", type=int, default=0, help="of the held-out split [0]")
+    preferences.set_defaults(func=_export_preferences)
 
     reward = commands.add_parser("reward", help="reward models from users' preferences").add_subparsers(
         dest="reward_command", required=True

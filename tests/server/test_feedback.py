@@ -10,9 +10,12 @@ import grpc
 import pytest
 from prometheus_client import generate_latest
 
+from guard.alignment.export import export_preferences
+from guard.alignment.preferences import PreferencePair
 from guard.audit import AuditQuery
 from guard.client import Candidate, GuardClient
 from guard.metrics import REGISTRY
+from guard.types import Message
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc
 from tests.support.feedback_app import (
@@ -97,6 +100,9 @@ async def test_a_preferred_candidate_sent_right_after_the_answer_is_stored_and_c
     assert [(f.preferred_index, f.comment, f.tenant) for f in feedback] == [(0, "shorter is not better", "acme")]
     assert sample("guard_feedback_total", policy="bon", kind="preferred") == before + 1
     assert "shorter is not better" not in generate_latest(REGISTRY).decode()
+    # The pair is rebuilt from the candidates guard recorded: the preferred one over the other it showed.
+    exported = export_preferences(app.audit, policy="bon")
+    assert exported.pairs == [PreferencePair(tuple(Message(*m) for m in QUESTION), CANDIDATES[0], CANDIDATES[CHOSEN])]
 
 
 async def test_feedback_on_a_stream_is_found_although_its_record_is_queued_after_the_last_message(app):
