@@ -373,6 +373,10 @@ def _audit_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 @_audit_command
 def _export_preferences(args: argparse.Namespace) -> int:
     from guard.alignment.export import SOURCES, export_preferences
@@ -394,7 +398,7 @@ def _export_preferences(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     held = f" ({report.heldout_written} held out to {args.heldout_out})" if args.heldout_out else ""
-    print(f"wrote {report.pairs_written} pairs to {args.out}{held} from {report.records} records")
+    print(f"wrote {_count(report.pairs_written, 'pair')} to {args.out}{held} from {_count(report.records, 'record')}")
     for source in SOURCES:
         print(f"  {source:11} {report.by_source[source]:6d}")
     for reason, count in sorted(report.skipped.items()):

@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 OVERLOAD_RETRY_SECONDS = 0.5
 # An audit record keeps this much of a failure's message (upstream errors can be long).
 AUDIT_ERROR_CHARS = 1000
-# Feedback on a request id the store does not have yet looks again after flushing this process's writer, then
-# once more after this long: the record can still be on its way (a stream's record is queued after its last
-# message is sent; under --workers another process's writer lingers 0.25 s before writing).
+# Feedback looks for its record after this process's writer has written what it holds; a request id not found
+# is looked for once more after this long: the record can still be on its way (a stream's record is queued after
+# its last message is sent; under --workers another process's writer lingers 0.25 s before writing).
 FEEDBACK_RECHECK_SECONDS = 0.4
 
 
@@ -302,13 +302,17 @@ class GuardService:
         return FeedbackReceipt(feedback.request_id, record.policy, record.policy_version)
 
     async def _record_for_feedback(self, request_id: str, tenant: str) -> FoundRecord:
-        """The record, also when it is not written yet: a client may send feedback the moment its answer arrives."""
+        """The record, also when it is not written yet: a client may send feedback the moment its answer arrives.
+
+        The writer is flushed first even when the database has a record of that id: ids repeat, and the newest
+        request of that id may be the one still queued.
+        """
         audit = self.audit
         assert audit is not None
-        for wait in (None, 0.0, FEEDBACK_RECHECK_SECONDS):
-            if wait is not None:
+        for wait in (0.0, FEEDBACK_RECHECK_SECONDS):
+            if wait:
                 await asyncio.sleep(wait)
-                await asyncio.to_thread(audit.flush)
+            await asyncio.to_thread(audit.flush)
             found = await asyncio.to_thread(audit.find, request_id, tenant)
             if found is not None:
                 return found

@@ -132,7 +132,8 @@ async def test_ratings_are_counted_for_the_mean_by_policy(app):
 async def test_feedback_attaches_to_the_newest_request_with_a_repeated_id(app):
     with client(app) as guard:
         await call(guard.generate, QUESTION, policy="plain", request_id="again")
-        await call(guard.generate, QUESTION, policy="bon", request_id="again")
+        await asyncio.to_thread(app.audit.flush)  # the older one is in the database...
+        await call(guard.generate, QUESTION, policy="bon", request_id="again")  # ...the newer one still queued
         receipt = await call(guard.feedback, "again", thumbs=True)
     assert receipt.policy == "bon"
     found = [(record.policy, len(feedback)) for record, feedback in app.audit.query_with_feedback(AuditQuery(request_id="again"))]
