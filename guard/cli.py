@@ -212,7 +212,14 @@ def _reward_train(args: argparse.Namespace) -> int:
     from guard.alignment.reward_training import train_head, train_sequence_classifier
 
     logging.basicConfig(level="WARNING")
-    pairs = read_pairs(Path(args.pairs))
+    try:
+        pairs = read_pairs(Path(args.pairs))
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not pairs:
+        print(f"error: {args.pairs}: no preference pairs (guard export preferences writes them from feedback)", file=sys.stderr)
+        return 1
     if args.kind == "head":
         report = train_head(pairs, Path(args.out), encoder=args.encoder, heldout_fraction=args.heldout, seed=args.seed)
         use = f"reward: {{type: trained, path: {args.out}}}"

@@ -95,3 +95,13 @@ def test_the_cli_trains_a_head_and_says_how_to_use_it(tmp_path: Path, capsys):
     assert "held out 100.0%" in printed or "held out 9" in printed  # >= 90%
     assert f"reward: {{type: trained, path: {out}}}" in printed
     assert load_head(str(out))[0].training["heldout_pairs"] > 0
+
+
+def test_the_cli_says_plainly_when_there_is_nothing_to_train_on(tmp_path: Path, capsys):
+    from guard.cli import main
+
+    empty = tmp_path / "prefs.jsonl"
+    empty.write_text("")
+    assert main(["reward", "train", "--pairs", str(empty), "--out", str(tmp_path / "head.json")]) == 1
+    assert "no preference pairs" in capsys.readouterr().err
+    assert main(["reward", "train", "--pairs", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "head.json")]) == 1
