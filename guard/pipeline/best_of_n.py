@@ -1,9 +1,10 @@
 """best_of_n: sample n candidates in one upstream call, score them with a reward source, pick one.
 
-One call with n (not n calls) lets vLLM prefill the prompt once for all
-candidates. Other steps' after-hooks (output filters, chain-of-thought
-extraction) have already run on every candidate when select() runs, so
-candidates are scored on the text the client would receive.
+One call with n (not n calls) is one round trip whose samples decode in one batch. Its usage counts
+the prompt once, but vLLM runs each sample as its own engine request that prefills the prompt,
+sharing only prefix-cache blocks computed earlier (benchmarks/speculative_rejection.py measures
+both). Other steps' after-hooks (output filters, chain-of-thought extraction) have already run on
+every candidate when select() runs, so candidates are scored on the text the client would receive.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class BestOfN(Step[BestOfNStep]):
         assert rejection is not None
         reranker = self.deps.reranker
         budget = ctx.sampling.max_tokens or 256
-        first = await self._extend(ctx, None, min(rejection.chunk_tokens, budget), n=self.config.n)
+        seed = ctx.sampling.seed
+        first = await self._extend(ctx, None, min(rejection.chunk_tokens, budget), n=self.config.n, seed=seed)
         live = [[choice.text, choice.finish_reason] for choice in first.choices]
         grown, rounds = min(rejection.chunk_tokens, budget), []
         # Every token the upstream processed: the first call's prompt once (vLLM reports it once for
@@ -68,7 +70,13 @@ class BestOfN(Step[BestOfNStep]):
                 rounds.append({"after_tokens": grown, "unfinished": len(unfinished), "pruned": len(pruned)})
                 unfinished = [i for i, (_, reason) in enumerate(live) if reason == "length"]
             chunk = min(rejection.chunk_tokens, budget - grown)
-            extended = await gather_or_cancel(*(self._extend(ctx, live[i][0], chunk, n=1) for i in unfinished))
+            # vLLM seeds one call's samples seed, seed+1, ...: a continuation with the request's seed would
+            # replay one random stream every round (seen with Gemma: the survivor looped with the chunk's period).
+            # Each continuation gets its own seed, past the first call's, so a seeded request stays reproducible.
+            seeds = [None if seed is None else seed + self.config.n + calls - 1 + j for j in range(len(unfinished))]
+            extended = await gather_or_cancel(
+                *(self._extend(ctx, live[i][0], chunk, n=1, seed=s) for i, s in zip(unfinished, seeds, strict=True))
+            )
             for i, more in zip(unfinished, extended, strict=True):
                 live[i][0] += more.choices[0].text
                 live[i][1] = more.choices[0].finish_reason
@@ -90,7 +98,9 @@ class BestOfN(Step[BestOfNStep]):
         # re-sent prompts too: a plain best_of_n's usage would understate this policy's cost.
         return Completion(choices, prompt_tokens, completion_tokens, first.model, first.upstream_url)
 
-    async def _extend(self, ctx: Context, partial: str | None, max_tokens: int, *, n: int) -> Completion:
+    async def _extend(
+        self, ctx: Context, partial: str | None, max_tokens: int, *, n: int, seed: int | None
+    ) -> Completion:
         """n fresh candidates (partial=None), or one continuation of a partial candidate."""
         messages, prompt = ctx.messages, None
         if messages is None:
@@ -101,7 +111,7 @@ class BestOfN(Step[BestOfNStep]):
             ctx.model,
             prompt=prompt,
             messages=messages,
-            sampling=ctx.sampling.with_(n=n, max_tokens=max_tokens),
+            sampling=ctx.sampling.with_(n=n, max_tokens=max_tokens, seed=seed),
             stream=False,
             timeout=ctx.remaining(),
             continue_final_message=partial is not None,

@@ -183,6 +183,7 @@ class ChunkedUpstream:
     def __init__(self, lengths: list[int]) -> None:
         self.lengths = lengths
         self.calls: list[dict[str, Any]] = []
+        self.seeds: list[int | None] = []
 
     async def generate(self, model, *, prompt, messages, sampling, continue_final_message, **_: Any) -> Completion:
         sent = prompt if messages is None else " ".join(m.content for m in messages)
@@ -199,6 +200,7 @@ class ChunkedUpstream:
             choices.append(Choice(index=index, text=f"w{k} " * grow, finish_reason=finish))
         completion = Completion(tuple(choices), len(sent.split()), sum(len(c.text.split()) for c in choices), model)
         self.calls.append(dict(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens))
+        self.seeds.append(sampling.seed)
         return completion
 
 
@@ -212,12 +214,12 @@ class ScoreById:
 PROMPT = "Question: What is the capital of France? Answer: "
 
 
-def pruning(upstream: ChunkedUpstream, chat: bool, **options: Any) -> tuple[Any, Context]:
+def pruning(upstream: ChunkedUpstream, chat: bool, seed: int | None = None, **options: Any) -> tuple[Any, Context]:
     step = {"type": "best_of_n", "n": 4, "reward": {"type": "embedding"}, **options}
     policy = Policy.model_validate({"name": "sr", "steps": [step]})
     config = policy.steps[0]
     step = step_class(config.type)(config, StepDeps(upstream=upstream, reranker=ScoreById()))  # type: ignore[arg-type]
-    sampling = Sampling(max_tokens=12, n=4)
+    sampling = Sampling(max_tokens=12, n=4, seed=seed)
     if chat:
         request, prompt, messages = GenerateInput(messages=list(QUESTION), sampling=sampling), None, list(QUESTION)
     else:
@@ -271,3 +273,13 @@ async def test_finished_candidates_are_neither_continued_nor_counted_again():
     assert ctx.detail["upstream_calls"] == 6 and ctx.detail["generation_rounds"] == 3
     assert (completion.prompt_tokens, completion.completion_tokens) == (64, 33)
     assert ctx.detail["upstream_prompt_tokens"] == 64 and ctx.detail["upstream_completion_tokens"] == 33
+
+
+async def test_each_continuation_samples_with_its_own_seed():
+    # vLLM seeds the first call's 4 samples 100..103; reusing 100 would replay sample 0's random stream.
+    rejection = {"chunk_tokens": 4, "keep_fraction": 0.5}
+    for seed, expected in ((100, [100, 104, 105, 106]), (None, [None] * 4)):
+        upstream = ChunkedUpstream(lengths=[12] * 4)
+        step, ctx = pruning(upstream, True, seed=seed, speculative_rejection=rejection)
+        await step.generate(ctx)
+        assert upstream.seeds == expected
