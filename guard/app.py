@@ -22,6 +22,7 @@ from guard.pipeline.base import StepDeps
 from guard.pipeline.runner import Pipelines
 from guard.policy.store import PolicyStore
 from guard.rerank import Reranker
+from guard.retrieval.registry import Indexes
 from guard.safety.embedder import Embedders
 from guard.server.servicer import GuardServicer
 from guard.service import GuardService
@@ -44,7 +45,10 @@ class GuardApp:
         self.model = model
         self.reranker = Reranker(observer=metrics.RerankMetrics())
         self.embedders = Embedders()
-        self.deps = StepDeps(upstream=upstream, reranker=self.reranker, embedders=self.embedders, default_model=model)
+        self.indexes = Indexes(poll_interval=settings.poll_seconds)
+        self.deps = StepDeps(
+            upstream=upstream, reranker=self.reranker, embedders=self.embedders, indexes=self.indexes, default_model=model
+        )
         self.pipelines = Pipelines(self.deps)
         # Policies are built as they load: one whose steps cannot run is rejected, the last good one serves.
         self.store = PolicyStore(
@@ -55,6 +59,7 @@ class GuardApp:
         )
         self.store.on_reload(self._count_reload)
         self.store.on_reload(lambda result, file: self._retain_rewards())
+        self.store.on_reload(lambda result, file: self._retain_indexes())
         self.access = AccessControl(
             settings.api_keys, allow_policies=settings.allow_policies, poll_interval=settings.poll_seconds
         )
@@ -111,6 +116,12 @@ class GuardApp:
             step.reward for loaded in self.store.list() for step in loaded.policy.steps if step.type == "best_of_n"
         )
 
+    def _retain_indexes(self) -> None:
+        """Indexes are watched for changes while a served policy names them."""
+        self.indexes.retain(
+            step.index for loaded in self.store.list() for step in loaded.policy.steps if step.type == "retrieve"
+        )
+
     def _count_reload(self, result: str, file: str) -> None:
         metrics.POLICY_RELOADS.labels(result=result).inc()
         metrics.POLICIES_LOADED.set(len(self.store.list()))
@@ -119,7 +130,9 @@ class GuardApp:
         self.store.reload_now()
         metrics.POLICIES_LOADED.set(len(self.store.list()))
         self._retain_rewards()
+        self._retain_indexes()
         await self.store.start()
+        await self.indexes.start()
         await self.access.start()
         if self.audit is not None:
             self.audit.start()
@@ -213,6 +226,7 @@ class GuardApp:
         if self.audit is not None:
             await asyncio.to_thread(self.audit.close)  # writes what the drained requests left queued
         await self.store.stop()
+        await self.indexes.stop()
         await self.access.stop()
         await self.reranker.close()
         self.embedders.close()

@@ -1,5 +1,5 @@
 """The `guard` command: serve, ask, health, policy check|schema, keys new|hash|check, filter train, model prepare,
-audit query|summary|export, export preferences, reward train."""
+audit query|summary|export, export preferences, reward train, index build|query."""
 
 from __future__ import annotations
 
@@ -167,10 +167,11 @@ def _policy_check(args: argparse.Namespace) -> int:
     from guard.pipeline.base import StepDeps
     from guard.pipeline.runner import Pipelines
     from guard.policy.loader import load_policy_dir
+    from guard.retrieval.registry import Indexes
     from guard.safety.embedder import Embedders
 
-    # Build every pipeline as the server would (rules compiled, artefacts loaded), without an upstream.
-    pipelines = Pipelines(StepDeps(upstream=None, embedders=Embedders()))  # type: ignore[arg-type]
+    # Build every pipeline as the server would (rules compiled, artefacts and indexes loaded), without an upstream.
+    pipelines = Pipelines(StepDeps(upstream=None, embedders=Embedders(), indexes=Indexes()))  # type: ignore[arg-type]
     result = load_policy_dir(Path(args.directory), build=pipelines.build)
     for loaded in sorted(result.policies.values(), key=lambda p: p.policy.name):
         print(f"ok     {loaded.source}  {loaded.policy.name}@{loaded.version}  steps: {', '.join(s.type for s in loaded.policy.steps) or '-'}")
@@ -420,6 +421,57 @@ def _export_preferences(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_build(args: argparse.Namespace) -> int:
+    from guard.retrieval.build import build_index
+    from guard.retrieval.chunking import ChunkingParams
+
+    logging.basicConfig(level="WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rembedding chunks: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    try:
+        params = ChunkingParams(max_words=args.max_words, overlap_words=args.overlap_words)
+        report = build_index(args.documents, args.out, encoder=args.encoder, params=params, progress=progress)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    seconds = sum(report.seconds.values())
+    phases = ", ".join(f"{name} {value:.1f} s" for name, value in report.seconds.items())
+    print(
+        f"wrote {report.path}: {_count(report.chunks, 'chunk')} from {_count(report.documents, 'document')} in "
+        f"{seconds:.1f} s ({report.chunks_per_second:.0f} chunks/s; {phases})"
+    )
+    if not report.chunks:
+        print(f"error: {args.documents}: no text in any .md, .markdown, .txt or .pdf file", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _index_query(args: argparse.Namespace) -> int:
+    from guard.retrieval.index import BrokenIndex, load_index
+    from guard.safety.embedder import Embedder
+
+    logging.basicConfig(level="WARNING")
+    try:
+        index = load_index(args.index)
+    except BrokenIndex as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    [vector] = Embedder(index.encoder).encode([args.text])
+    hits = index.search(vector, args.k)
+    if args.json:
+        for hit in hits:
+            print(json.dumps({"id": hit.id, "score": round(hit.score, 4), "document": hit.document, "heading": hit.heading, "text": hit.text}))
+        return 0
+    print(f"{index.path} (version {index.version}, {_count(len(index), 'chunk')})")
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank}. {hit.score:.3f}  {hit.id}  ({hit.heading})")
+        print(f"   {hit.text}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard", description="Inference-time alignment proxy in front of vLLM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -594,6 +646,23 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = model.add_parser("prepare", help="convert the bundled Gemma 3 270M GGUF for vLLM (cached)")
     prepare.add_argument("--cache-dir", help="[GUARD_CACHE_DIR/models/gemma-3-270m]")
     prepare.set_defaults(func=_model_prepare)
+
+    index = commands.add_parser("index", help="retrieval indexes of documents (a policy's retrieve step)").add_subparsers(
+        dest="index_command", required=True
+    )
+    built = index.add_parser("build", help="chunk, embed and index the .md, .txt and .pdf files under a directory")
+    built.add_argument("documents", help="directory of documents (read recursively; dotfiles skipped)")
+    built.add_argument("-o", "--out", required=True, help="index directory to write (an existing index there is replaced)")
+    built.add_argument("--encoder", help="sentence-transformers model directory [the bundled all-MiniLM-L6-v2]")
+    built.add_argument("--max-words", type=int, default=120, help="most words in a chunk [120]")
+    built.add_argument("--overlap-words", type=int, default=30, help="words a chunk repeats from the previous one [30]")
+    built.set_defaults(func=_index_build)
+    asked = index.add_parser("query", help="the chunks of an index most similar to a text, with scores and sources")
+    asked.add_argument("index", help="index directory")
+    asked.add_argument("text")
+    asked.add_argument("-k", type=int, default=5, help="how many chunks [5]")
+    asked.add_argument("--json", action="store_true", help="one JSON object per chunk")
+    asked.set_defaults(func=_index_query)
     return parser
 
 

@@ -39,6 +39,19 @@ class Candidate:
     chosen: bool  # the answer
 
 
+@dataclass(frozen=True)
+class Source:
+    """A document chunk the answer was given as source `number` (a retrieve step); `cited`: the answer cites [number]."""
+
+    number: int
+    id: str
+    document: str
+    heading: str
+    text: str
+    score: float
+    cited: bool
+
+
 @dataclass
 class Answer:
     text: str
@@ -51,6 +64,7 @@ class Answer:
     completion_tokens: int = 0
     trace: dict[str, Any] | None = None
     request_id: str = ""  # what feedback names (the x-request-id sent, or the id guard made)
+    sources: list[Source] = field(default_factory=list)
 
     @property
     def candidates(self) -> list[Candidate]:
@@ -154,6 +168,7 @@ def _answer(text: str, message: pb.GenerateResponse | pb.GenerateStreamResponse,
         completion_tokens=message.usage.completion_tokens,
         trace=MessageToDict(message.trace, always_print_fields_with_no_presence=True) if with_trace else None,
         request_id=message.request_id,
+        sources=[Source(s.number, s.id, s.document, s.heading, s.text, s.score, s.cited) for s in message.sources],
     )
 
 

@@ -276,3 +276,35 @@ def feedback_received(policy: str, kinds: list[str], rating: int | None) -> None
         child(FEEDBACK, policy, kind).inc()
     if rating is not None:
         child(FEEDBACK_RATING, policy).observe(rating)
+
+
+# --- Retrieval (guard.retrieval, the retrieve and grounding_check steps). Never any document or answer text. ---
+
+INDEX_RELOADS = Counter(
+    "guard_index_reloads_total",
+    "Retrieval index (re)loads by result: ok, or error (the last good version keeps serving).",
+    ["result"],
+    registry=REGISTRY,
+)
+INDEX_CHUNKS = Gauge(
+    "guard_index_chunks",
+    "Chunks in each served retrieval index (by its directory).",
+    ["index"],
+    registry=REGISTRY,
+    multiprocess_mode="livemin",  # under --workers: what every live worker serves
+)
+GROUNDED_FRACTION = Histogram(
+    "guard_grounding_supported_fraction",
+    "grounding_check: fraction of an answer's checked sentences that a retrieved chunk supports (each best_of_n "
+    "candidate counts).",
+    ["policy"],
+    buckets=(0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0),
+    registry=REGISTRY,
+)
+GROUNDING_ANSWERS = Counter(
+    "guard_grounding_answers_total",
+    "grounding_check verdicts by result: grounded, or unsupported (flagged or refused, as the policy says). "
+    "Grounded share = rate(...{result=\"grounded\"}) / rate(all).",
+    ["policy", "result"],
+    registry=REGISTRY,
+)

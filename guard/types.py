@@ -135,6 +135,19 @@ class CandidateAnswer:
     refused_by: str = ""  # the step that refused it; "" when it was not refused
 
 
+@dataclass(frozen=True)
+class Source:
+    """A retrieved chunk the model was given as numbered source `number` (the retrieve step)."""
+
+    number: int
+    id: str  # the chunk: "<document>#<ordinal>"
+    document: str  # its file, relative to the indexed directory
+    heading: str
+    text: str
+    score: float  # cosine similarity to the user's last turn
+    cited: bool = False  # the answer cites it as [number]
+
+
 @dataclass
 class GenerateResult:
     text: str
@@ -151,3 +164,5 @@ class GenerateResult:
     # Every candidate of a selecting step (best_of_n), refused ones included; () without one. The audit
     # log's, not the client's: a refused candidate's text must never reach the client.
     candidates: tuple[CandidateAnswer, ...] = ()
+    # The sources a retrieve step put into the prompt (none when the answer is a refusal).
+    sources: tuple[Source, ...] = ()

@@ -23,8 +23,9 @@ from guard.types import CandidateAnswer, GenerateInput, GenerateResult, Message,
 TextMode = Literal["none", "hashed", "full"]
 Outcome = Literal["ok", "refused", "error"]
 
-# Trace detail keys that hold model text (chain_of_thought's hidden reasoning, in the answer's notes).
-TEXT_DETAIL_KEYS = frozenset({"reasoning"})
+# Trace detail keys that hold model text (chain_of_thought's hidden reasoning, in the answer's notes;
+# grounding_check's unsupported sentences).
+TEXT_DETAIL_KEYS = frozenset({"reasoning", "unsupported_text"})
 # The trace detail key whose entries carry candidates' texts (best_of_n); a record keeps those texts in
 # ChoiceRecord.candidates instead, following its text mode.
 CANDIDATES_DETAIL_KEY = "candidates"

@@ -9,6 +9,7 @@ OpenAI's shapes, with guard's additions under `guard` keys (ignored by OpenAI cl
   (and as the chat message's `refusal`), the refusal details under the choice's `guard.refusal`;
 - `guard.policy` and `guard.policy_version` on the response (also X-Guard-Policy(-Version) headers);
 - the trace under the choice's `guard.trace` when asked for with `X-Guard-Trace: 1` and allowed;
+- the sources a retrieve step gave the model under the choice's `guard.sources` (when there are any);
 - `POST /v1/feedback`: what a user thought of an answer (the gRPC Feedback RPC's semantics).
 Policy: `model` = "guard/<policy>" (or the bare policy name), else the X-Guard-Policy header,
 else the key's tenant default, else the server default.
@@ -187,6 +188,8 @@ class _Reply:
             shown = visible_refusal(self.admission, result.refusal)
             refusal = {"stage": shown.stage, "step": shown.step, "rule": shown.rule, "reason": shown.reason}
         extension: dict[str, Any] = {"refusal": refusal}
+        if result.sources:
+            extension["sources"] = [dataclasses.asdict(source) for source in result.sources]
         if self.admission.with_trace:
             extension["trace"] = trace_of(result)
         return extension

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from guard.types import Completion, GenerateInput, Message, Refusal, Sampling
 
 if TYPE_CHECKING:
+    from guard.pipeline.retrieve import Retrieved
     from guard.policy.model import Policy
     from guard.rerank import Reranker
+    from guard.retrieval.registry import Indexes
     from guard.safety.embedder import Embedders
     from guard.upstream.client import UpstreamClient
 
@@ -59,6 +61,8 @@ class Context:
     chosen: Candidate | None = None
     # Detail the running step wants in the trace; the runner collects and resets it.
     detail: dict[str, Any] = field(default_factory=dict)
+    # What the retrieve step put into the prompt: the answer's sources, and what grounding_check reads.
+    retrieved: Retrieved | None = None
 
     def remaining(self) -> float | None:
         """Seconds left until the deadline (0.0 once it has passed), or None without one."""
@@ -77,6 +81,7 @@ class StepDeps:
     upstream: UpstreamClient
     reranker: Reranker | None = None
     embedders: Embedders | None = None
+    indexes: Indexes | None = None
     # The model requests go to when a policy names none.
     default_model: str = ""
     # Clients for rules that name a server of their own (guard models), by base URL.

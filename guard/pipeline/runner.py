@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from guard import metrics
-from guard.pipeline import best_of_n, chain_of_thought, filters, system_prompt  # noqa: F401 - registers the steps
+from guard.pipeline import best_of_n, chain_of_thought, filters, grounding, retrieve, system_prompt  # noqa: F401 - registers the steps
 from guard.pipeline.base import Candidate, Context, Step, StepDeps, step_class
 from guard.policy.loader import LoadedPolicy, PolicyBuildError
 from guard.types import CandidateAnswer, GenerateInput, GenerateResult, Refusal, TraceEntry, Usage
@@ -134,12 +134,20 @@ class Pipeline:
                     pieces.append(piece)
                     yield TextDelta(piece)
             result.text = "".join(pieces)
+            if ctx.retrieved is not None and ctx.refusal is None:
+                self._cite(ctx, result)
         if ctx.refusal is not None:
             result.text = ctx.refusal.text
             result.finish_reason = "refused"
             result.refusal = ctx.refusal
         result.total_seconds = time.perf_counter() - started
         yield result
+
+    def _cite(self, ctx: Context, result: GenerateResult) -> None:
+        """The answer's sources, marked as its [n] cite them; the trace names the chunks cited and numbers no source has."""
+        result.sources, unknown = ctx.retrieved.sources(result.text)
+        detail = {"cited": [s.id for s in result.sources if s.cited], "unknown": unknown}
+        result.trace.append(TraceEntry(step="citations", type="citations", phase="after", duration_seconds=0.0, detail=detail))
 
     def _upstream(self, ctx: Context, *, stream: bool):
         """The runner's one upstream call on the rewritten request (the client picks chat or completion)."""

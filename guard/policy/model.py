@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from guard import limits
 from guard.policy.guard_model import GuardModelRule
+from guard.policy.retrieval import GroundingCheckConfig, RetrieveConfig
 from guard.policy.reward import BestOfNConfig, EmbeddingReward
 from guard.safety.classifier import load_artefact
 from guard.safety.patterns import compile_rule
@@ -241,8 +242,18 @@ class BestOfNStep(StepBase, BestOfNConfig):
     type: Literal["best_of_n"]
 
 
+class RetrieveStep(StepBase, RetrieveConfig):
+    type: Literal["retrieve"]
+
+
+class GroundingCheckStep(StepBase, GroundingCheckConfig):
+    type: Literal["grounding_check"]
+
+
 StepConfig = Annotated[
-    Union[SystemPromptStep, ChainOfThoughtStep, InputFilterStep, OutputFilterStep, BestOfNStep],
+    Union[
+        SystemPromptStep, ChainOfThoughtStep, InputFilterStep, OutputFilterStep, BestOfNStep, RetrieveStep, GroundingCheckStep
+    ],
     Field(discriminator="type"),
 ]
 
@@ -283,6 +294,12 @@ class Policy(Strict):
             seen.add(name)
         if sum(1 for step in self.steps if step.type == "best_of_n") > 1:
             raise ValueError("at most one best_of_n step per policy")
+        retrieves = [index for index, step in enumerate(self.steps) if step.type == "retrieve"]
+        if len(retrieves) > 1:
+            raise ValueError("at most one retrieve step per policy")
+        for index, step in enumerate(self.steps):
+            if step.type == "grounding_check" and not (retrieves and retrieves[0] < index):
+                raise ValueError(f"steps[{index}]: grounding_check checks answers against retrieved chunks: put a retrieve step before it")
         return self
 
     @model_validator(mode="after")

@@ -97,6 +97,11 @@ def fill_result(
     message.policy_version = result.policy_version
     message.usage.prompt_tokens = result.usage.prompt_tokens
     message.usage.completion_tokens = result.usage.completion_tokens
+    for source in result.sources:
+        message.sources.add(
+            number=source.number, id=source.id, document=source.document, heading=source.heading, text=source.text,
+            score=source.score, cited=source.cited,
+        )
     if result.refusal is not None:
         refusal = visible_refusal(admission, result.refusal)
         message.refusal.refused = True
