@@ -20,6 +20,7 @@ from guard.http.app import OpenAIDoor
 from guard.http.server import HttpServer
 from guard.pipeline.base import StepDeps
 from guard.pipeline.runner import Pipelines
+from guard.policy.loader import LoadedPolicy
 from guard.policy.store import PolicyStore
 from guard.rerank import Reranker
 from guard.retrieval.registry import Indexes
@@ -27,6 +28,7 @@ from guard.safety.embedder import Embedders
 from guard.server.servicer import GuardServicer
 from guard.service import GuardService
 from guard.settings import Settings
+from guard.upstream.adapters import Adapters
 from guard.upstream.client import UpstreamClient
 from guard.v1 import guard_pb2, guard_pb2_grpc
 
@@ -50,12 +52,14 @@ class GuardApp:
             upstream=upstream, reranker=self.reranker, embedders=self.embedders, indexes=self.indexes, default_model=model
         )
         self.pipelines = Pipelines(self.deps)
+        self.adapters = Adapters(upstream, settings.policies)
         # Policies are built as they load: one whose steps cannot run is rejected, the last good one serves.
         self.store = PolicyStore(
             settings.policies,
             default_policy=settings.default_policy,
             poll_interval=settings.poll_seconds,
-            build=self.pipelines.build,
+            build=self._build,
+            prepare=self.adapters.prepare,
         )
         self.store.on_reload(self._count_reload)
         self.store.on_reload(lambda result, file: self._retain_rewards())
@@ -110,6 +114,11 @@ class GuardApp:
         self._health_task: asyncio.Task | None = None
         self._metrics_server = None
 
+    def _build(self, loaded: LoadedPolicy) -> None:
+        # The adapter first: a policy naming one vLLM does not serve is rejected before its steps are built.
+        self.adapters.check(loaded)
+        self.pipelines.build(loaded)
+
     def _retain_rewards(self) -> None:
         """Reward models load (in the background) when a policy naming them loads, and unload with the last one."""
         self.reranker.retain(
@@ -127,7 +136,7 @@ class GuardApp:
         metrics.POLICIES_LOADED.set(len(self.store.list()))
 
     async def start(self) -> int:
-        self.store.reload_now()
+        await self.store.reload()
         metrics.POLICIES_LOADED.set(len(self.store.list()))
         self._retain_rewards()
         self._retain_indexes()

@@ -169,12 +169,20 @@ def _policy_check(args: argparse.Namespace) -> int:
     from guard.policy.loader import load_policy_dir
     from guard.retrieval.registry import Indexes
     from guard.safety.embedder import Embedders
+    from guard.upstream.adapters import check_adapter_path
 
-    # Build every pipeline as the server would (rules compiled, artefacts and indexes loaded), without an upstream.
+    # Build every pipeline as the server would (rules compiled, artefacts and indexes loaded), without an upstream:
+    # a declared adapter's directory is checked, not whether vLLM serves it.
     pipelines = Pipelines(StepDeps(upstream=None, embedders=Embedders(), indexes=Indexes()))  # type: ignore[arg-type]
-    result = load_policy_dir(Path(args.directory), build=pipelines.build)
+
+    def build(loaded):
+        check_adapter_path(loaded)
+        return pipelines.build(loaded)
+
+    result = load_policy_dir(Path(args.directory), build=build)
     for loaded in sorted(result.policies.values(), key=lambda p: p.policy.name):
-        print(f"ok     {loaded.source}  {loaded.policy.name}@{loaded.version}  steps: {', '.join(s.type for s in loaded.policy.steps) or '-'}")
+        adapter = f"  adapter: {loaded.policy.adapter.name}" if loaded.policy.adapter else ""
+        print(f"ok     {loaded.source}  {loaded.policy.name}@{loaded.version}  steps: {', '.join(s.type for s in loaded.policy.steps) or '-'}{adapter}")
     for error in result.errors.values():
         print(f"error  {error}", file=sys.stderr)
     if not result.policies and not result.errors:

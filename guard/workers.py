@@ -50,19 +50,28 @@ async def upstreams(settings: Settings) -> AsyncIterator[tuple[list[str], str]]:
     if settings.upstream:
         yield list(settings.upstream), settings.model
         return
+    from guard.upstream.adapters import RUNTIME_LOADING_ENV, declared_adapters, vllm_lora_args
     from guard.upstream.default_model import DEFAULT_MODEL_NAME, prepare_default_model
     from guard.upstream.launcher import ManagedVLLM
 
     model_dir = settings.vllm_model_dir or str(await asyncio.to_thread(prepare_default_model))
+    adapters = declared_adapters(settings.policies) if settings.policies.is_dir() else []
     launcher = ManagedVLLM(
         model_dir,
         port=settings.vllm_port or None,
         max_model_len=settings.vllm_max_model_len,
         dtype="bfloat16",
         served_model_name=settings.model or (DEFAULT_MODEL_NAME if not settings.vllm_model_dir else None),
+        # The policies' LoRA adapters, and runtime loading for those declared while guard runs.
+        extra_args=vllm_lora_args(adapters),
+        env=RUNTIME_LOADING_ENV if adapters else None,
         log_path=settings.cache_dir / "vllm.log",
     )
-    log.info("starting a local vLLM on %s (log: %s)", model_dir, settings.cache_dir / "vllm.log")
+    log.info(
+        "starting a local vLLM on %s%s (log: %s)", model_dir,
+        f" with LoRA adapters {', '.join(adapter.name for adapter in adapters)}" if adapters else "",
+        settings.cache_dir / "vllm.log",
+    )  # fmt: skip
     await asyncio.to_thread(launcher.start)
     try:
         yield [launcher.url], launcher.served_model_name

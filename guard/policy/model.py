@@ -8,9 +8,9 @@ a policy file can be validated without importing the pipeline.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from guard import limits
 from guard.policy.guard_model import GuardModelRule
@@ -266,11 +266,49 @@ class AuditOptions(Strict):
     )
 
 
+# vLLM takes any string as an adapter's name; guard passes it to vLLM's command line as `name=path`, so no "=".
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
+
+
+class AdapterRef(Strict):
+    """A LoRA adapter vLLM serves on its base model: requests under the policy ask vLLM for it by name."""
+
+    name: str = Field(..., pattern=ADAPTER_NAME_PATTERN, description="The adapter's model name in vLLM (its /v1/models id).")
+    path: str | None = Field(
+        None,
+        min_length=1,
+        description="A PEFT adapter directory (adapter_config.json and weights), relative to this policy file's "
+        "directory: guard has vLLM serve it as `name` (the managed vLLM from its start, a running vLLM through its "
+        "runtime adapter loading). Without a path, vLLM must already serve `name`.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        # `adapter: support-v2` is short for `adapter: {name: support-v2}`.
+        if isinstance(value, str):
+            return {"name": value}
+        if not isinstance(value, (dict, AdapterRef)):
+            raise ValueError("expected an adapter name, or a mapping with name and path")
+        return value
+
+
+def _adapter_schema(schema: dict[str, Any]) -> None:
+    """The JSON Schema says what `_name_alone` accepts: a bare name, too."""
+    schema["anyOf"].insert(0, {"type": "string", "pattern": ADAPTER_NAME_PATTERN})
+
+
 class Policy(Strict):
     name: str = Field(..., pattern=NAME_PATTERN, description="Policy name clients ask for.")
     description: str = Field("", description="What this policy is for.")
     model: str | None = Field(
-        None, description="Upstream model name (a base model or a LoRA adapter vLLM serves); default: the server's."
+        None, description="Upstream model name (a base model vLLM serves); default: the server's. For a LoRA adapter use `adapter`."
+    )
+    adapter: AdapterRef | None = Field(
+        None,
+        description="A LoRA adapter vLLM serves, asked for instead of the base model: its name, or {name, path}. "
+        "Checked against vLLM's /v1/models when the policy loads: an adapter vLLM does not serve rejects the policy.",
+        json_schema_extra=_adapter_schema,
     )
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults, description="Default sampling parameters.")
     limits: SamplingLimits = Field(
@@ -283,6 +321,17 @@ class Policy(Strict):
     audit: AuditOptions = Field(
         default_factory=AuditOptions, description="What guard's audit log (`guard serve --audit-db`) keeps of this policy's requests."
     )
+
+    @field_validator("adapter")
+    @classmethod
+    def _not_with_model(cls, adapter: AdapterRef | None, info: ValidationInfo) -> AdapterRef | None:
+        if adapter is not None and info.data.get("model") is not None:
+            raise ValueError("set model or adapter, not both: vLLM is asked for the adapter by its name, on the base model it serves")
+        return adapter
+
+    def upstream_model(self, default: str) -> str:
+        """The model name requests under this policy ask vLLM for."""
+        return self.adapter.name if self.adapter is not None else self.model or default
 
     @model_validator(mode="after")
     def _step_names_unique(self) -> Policy:

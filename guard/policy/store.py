@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 ReloadResult = Literal["ok", "error", "removed"]
 ReloadCallback = Callable[[ReloadResult, str], None]
+# Awaited before each reload; returns files to read again although they did not change.
+Prepare = Callable[[], Awaitable[Iterable[str]]]
 Fingerprint = tuple[int, int, int]
 
 
@@ -49,11 +51,15 @@ class PolicyStore:
         poll_interval: float = 0.5,
         *,
         build: Builder | None = None,
+        prepare: Prepare | None = None,
     ) -> None:
         self.directory = Path(directory) if directory is not None else None  # None: a fixed set (tests)
         self.default_policy = default_policy
         self.poll_interval = poll_interval
         self._build = build  # e.g. the pipeline builder: a policy that cannot run is rejected like a bad one
+        # What a build checks outside the file (e.g. the LoRA adapters vLLM serves) is brought up to date here,
+        # asynchronously, before files are read; the files it returns depend on what changed and are read again.
+        self._prepare = prepare
         # Bumped whenever the set of served policies or any version changes.
         self.generation = 0
         self.last_errors: dict[str, PolicyError] = {}  # by file
@@ -89,6 +95,13 @@ class PolicyStore:
     def on_reload(self, callback: ReloadCallback) -> None:
         """`callback(result, file)` after each file reloaded: "ok", "error" or "removed"."""
         self._callbacks.append(callback)
+
+    async def reload(self) -> None:
+        """`reload_now()` after the prepare hook."""
+        if self._prepare is not None and self.directory is not None:
+            for file in await self._prepare():
+                self._seen.pop(file, None)
+        self.reload_now()
 
     def reload_now(self) -> None:
         """Applies every change since the last call. Raises OSError if the directory is unreadable."""
@@ -147,7 +160,7 @@ class PolicyStore:
                 log.exception("policy reload callback %r failed", callback)
 
     async def start(self) -> None:
-        """Starts polling (call `reload_now()` first to serve policies from the start)."""
+        """Starts polling (call `reload()` first to serve policies from the start)."""
         if self._task is None:
             self._task = asyncio.create_task(self._poll(), name="policy-reload")
 
@@ -161,10 +174,10 @@ class PolicyStore:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
-            # Synchronous on purpose: stat()ing and reading a few small files takes well
+            # Reading is synchronous on purpose: stat()ing and reading a few small files takes well
             # under a millisecond, and staying on the loop keeps the store single-threaded.
             try:
-                self.reload_now()
+                await self.reload()
                 self._poll_failure = None
             except OSError as exc:
                 # e.g. the directory is briefly unmounted: keep serving what we have, log once.

@@ -93,7 +93,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
                     name=loaded.policy.name,
                     version=loaded.version,
                     description=loaded.policy.description,
-                    model=loaded.policy.model or self.service.default_model,
+                    model=loaded.policy.upstream_model(self.service.default_model),
                     steps=[step.type for step in loaded.policy.steps],
                     source=str(loaded.source) if tenant.trace else "",
                 )

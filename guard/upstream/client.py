@@ -90,6 +90,23 @@ class UpstreamStreamBroken(UpstreamError):
     kind = "stream_broken"
 
 
+class AdapterLoadError(UpstreamError):
+    """vLLM did not load a LoRA adapter; `route_missing`: it does not allow loading adapters at run time."""
+
+    def __init__(self, message: str, *, route_missing: bool = False) -> None:
+        super().__init__(message)
+        self.route_missing = route_missing
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One entry of vLLM's /v1/models: a base model (`parent` None), or a LoRA adapter on `parent` loaded from `root`."""
+
+    id: str
+    parent: str | None = None
+    root: str | None = None
+
+
 class UpstreamObserver(Protocol):
     """Where the client reports what metrics need; guard.metrics.UpstreamMetrics records them."""
 
@@ -593,14 +610,40 @@ class UpstreamClient:
                 response.close()
 
     async def models(self) -> list[str]:
-        endpoint = self._pick(set())
+        """The names one endpoint serves, base models first (the first is guard's default model; LoRA adapters come after)."""
+        models = await self.models_at(self._pick(set()).url)
+        return [model.id for model in sorted(models, key=lambda model: model.parent is not None)]
+
+    async def models_at(self, url: str) -> list[ServedModel]:
+        """What the endpoint at `url` serves (vLLM's /v1/models): base models, and LoRA adapters with their parent."""
         try:
-            async with self._http.get(f"{endpoint.url}/v1/models", timeout=aiohttp.ClientTimeout(total=self._connect_timeout)) as response:
+            async with self._http.get(f"{url}/v1/models", timeout=aiohttp.ClientTimeout(total=self._connect_timeout)) as response:
                 raw = await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnavailable(f"upstream {endpoint.url} unreachable: {str(exc) or repr(exc)}") from exc
-        payload = self._decode(response.status, response.headers, raw, endpoint.url, "/v1/models")
-        return [str(item.get("id")) for item in payload.get("data", [])]
+            raise UpstreamUnavailable(f"upstream {url} unreachable: {str(exc) or repr(exc)}") from exc
+        payload = self._decode(response.status, response.headers, raw, url, "/v1/models")
+        return [
+            ServedModel(str(item.get("id")), _optional_str(item.get("parent")), _optional_str(item.get("root")))
+            for item in payload.get("data", [])
+            if isinstance(item, dict)
+        ]
+
+    async def load_lora_adapter(self, url: str, name: str, path: str, timeout: float = 60.0) -> None:
+        """Has the endpoint at `url` serve the PEFT adapter directory `path` (a path vLLM can read) as model `name`.
+
+        vLLM offers this only when started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; otherwise
+        the route is missing (AdapterLoadError.route_missing). Other failures carry vLLM's reason.
+        """
+        body = orjson.dumps({"lora_name": name, "lora_path": path})
+        try:
+            async with self._http.post(f"{url}/v1/load_lora_adapter", data=body, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                raw = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable(f"upstream {url} unreachable: {str(exc) or repr(exc)}") from exc
+        if response.status != 200:
+            # FastAPI's own 404 for a route that is not there; vLLM's errors are {"error": {...}}.
+            route_missing = response.status == 404 and _error_message(raw) == str({"detail": "Not Found"})
+            raise AdapterLoadError(f"HTTP {response.status}: {_error_message(raw)}", route_missing=route_missing)
 
 
 def _transport_error(exc: aiohttp.ClientError | TimeoutError, url: str) -> UpstreamError:
@@ -630,6 +673,10 @@ def _retry_after(headers: Mapping[str, str]) -> float:
         if math.isfinite(seconds):
             return max(0.0, seconds)
     return 1.0
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _error_message(raw: bytes) -> str:

@@ -16,7 +16,9 @@ from tests.support.net import free_port
 
 
 class GuardProcess:
-    def __init__(self, policies: Path, upstreams: list[str], *, model: str | None = None, log_path: Path, extra: list[str] = ()) -> None:
+    def __init__(
+        self, policies: Path, upstreams: list[str], *, model: str | None = None, log_path: Path, extra: list[str] = (), env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
         self.http_port = free_port()
@@ -33,9 +35,10 @@ class GuardProcess:
             command += ["--upstream", url]
         if model:
             command += ["--model", model]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self._log = open(log_path, "wb")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

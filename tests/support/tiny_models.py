@@ -4,6 +4,8 @@
   (head_dim 32: vLLM's CPU attention rejects smaller heads).
 * `build_tiny_reward_model`: a `LlamaForSequenceClassification` with one
   label, usable as a reward model.
+* `build_tiny_lora`: a PEFT LoRA adapter for the tiny Llama, random non-zero
+  weights (PEFT's default zeroes B, which would leave the base model unchanged).
 
 Both share a byte-level BPE tokenizer (vocab ~2000) trained on the English text
 below, with `<s>` prepended to every encoding and a small chat template. Builds
@@ -158,6 +160,25 @@ def _write_tiny_reward_model(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+LORA_RANK = 8
+
+
+def _write_tiny_lora(out: Path, seed: int) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(build_tiny_llama())
+    config = LoraConfig(
+        r=LORA_RANK,
+        lora_alpha=2 * LORA_RANK,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        init_lora_weights=False,
+    )
+    torch.manual_seed(seed)
+    get_peft_model(base, config).save_pretrained(out)
+
+
 def build_tiny_llama(dir: Path | None = None) -> Path:
     """Build (or reuse) the tiny causal LM in `dir`, default a per-user cache."""
     return _build(dir, "tiny-llama", _write_tiny_llama)
@@ -166,6 +187,11 @@ def build_tiny_llama(dir: Path | None = None) -> Path:
 def build_tiny_reward_model(dir: Path | None = None) -> Path:
     """Build (or reuse) the tiny one-label reward model in `dir`, default a per-user cache."""
     return _build(dir, "tiny-reward", _write_tiny_reward_model)
+
+
+def build_tiny_lora(dir: Path | None = None, seed: int = 0) -> Path:
+    """Build (or reuse) a LoRA adapter (rank 8, every projection) of the tiny causal LM; each seed its own weights."""
+    return _build(dir, f"tiny-lora-{seed}", lambda out: _write_tiny_lora(out, seed), marker="adapter_config.json")
 
 
 def cache_root() -> Path:
@@ -183,10 +209,10 @@ def _source_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def _build(dir: Path | None, name: str, write: Callable[[Path], None]) -> Path:
+def _build(dir: Path | None, name: str, write: Callable[[Path], None], marker: str = "config.json") -> Path:
     target = Path(dir) if dir is not None else cache_root() / name
     # A complete build only ever appears by rename, so existence means done.
-    if (target / "config.json").exists():
+    if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -198,7 +224,7 @@ def _build(dir: Path | None, name: str, write: Callable[[Path], None]) -> Path:
         try:
             work.rename(target)
         except OSError:
-            if not (target / "config.json").exists():  # lost a race: use the winner's
+            if not (target / marker).exists():  # lost a race: use the winner's
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
