@@ -107,6 +107,9 @@ def _ask(args: argparse.Namespace) -> int:
         f"tokens {answer.prompt_tokens}+{answer.completion_tokens}]",
         file=sys.stderr,
     )
+    for source in answer.sources:
+        cited = "  cited" if source.cited else ""
+        print(f"[{source.number}] {source.id}  {source.score:.3f}{cited}", file=sys.stderr)
     if args.trace:
         print(json.dumps(answer.trace, indent=2), file=sys.stderr)
     return 0

