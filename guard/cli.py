@@ -138,7 +138,7 @@ def _policies(args: argparse.Namespace) -> int:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     for policy in policies:
-        print(f"{policy.name:20} {policy.version}  steps: {', '.join(policy.steps) or '-'}")
+        print(f"{policy.name:20} {policy.version}  model: {policy.model}  steps: {', '.join(policy.steps) or '-'}")
     for issues in errors.values():
         for issue in issues:
             print(f"rejected  {issue}", file=sys.stderr)
