@@ -12,6 +12,7 @@ cannot refuse a harmless question. The runner maps the answer's [n] back to the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from guard.pipeline.base import Context, Step, StepDeps, register_step
@@ -59,6 +60,11 @@ class Retrieve(Step[RetrieveStep]):
             raise ValueError("retrieve needs the index registry and the embedding runtime")
         self.handle = deps.indexes.open(config.index)  # BrokenIndex: the policy is rejected at its line
         model_path(self.handle.index.encoder.model)  # the index's encoder must be here too
+        # A policy loaded while serving: its encoder loads now, in the background, not on its first request.
+        # (The server awaits the encoders of the policies it starts with; an offline check has no loop.)
+        self._warming = None
+        with contextlib.suppress(RuntimeError):
+            self._warming = asyncio.get_running_loop().create_task(deps.embedders.warm(self.handle.index.encoder))
 
     def encoders(self) -> set[EncoderSpec]:
         """The server loads these before serving (the encoder of the index as it is now)."""
