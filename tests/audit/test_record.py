@@ -54,6 +54,18 @@ def test_hidden_reasoning_in_the_trace_is_model_text_and_follows_the_setting():
     assert with_reasoning("full").choices[0].steps[-1].detail["reasoning"] == "secret steps"
 
 
+def test_grounding_checks_unsupported_sentences_are_answer_text_and_follow_the_setting():
+    def flagged(text: str) -> dict:
+        request = finished(text=text)
+        detail = {"grounded": False, "unsupported": [{"sentence": 0, "best_score": 0.1}], "unsupported_text": "It flies."}
+        request.results[0].trace.append(TraceEntry("grounding_check", "grounding_check", "after", 0.0, detail))
+        return record_of(request).choices[0].steps[-1].detail
+
+    assert flagged("none")["unsupported_text"] is None and flagged("none")["unsupported"] == [{"sentence": 0, "best_score": 0.1}]
+    assert flagged("hashed")["unsupported_text"] == text_hash("It flies.")
+    assert flagged("full")["unsupported_text"] == "It flies."
+
+
 def test_a_failed_request_records_its_status_and_message_without_answers():
     record = record_of(finished(outcome="error", status="DEADLINE_EXCEEDED"))
     assert (record.outcome, record.status, record.error, record.choices) == ("error", "DEADLINE_EXCEEDED", "upstream down", ())
