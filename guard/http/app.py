@@ -356,7 +356,8 @@ class OpenAIDoor:
             served = self.service.store.list()
             # Every policy name, not only the tenant's: one it may not use is a 403, as through gRPC.
             policy_names = {loaded.policy.name for loaded in served}
-            served_models = {loaded.policy.upstream_model(self.service.default_model) for loaded in served} | {self.service.default_model}
+            # An adapter's name is not one: the base model would answer a client that meant the adapter.
+            served_models = {self.service.default_model} | {loaded.policy.model for loaded in served if loaded.policy.model}
             policy = requested_policy(body.model, request.headers.get("x-guard-policy"), policy_names, served_models)
             trace = request.headers.get("x-guard-trace", "").lower() in TRUE
             admission = self.service.admit(tenant, policy, trace=trace)

@@ -14,7 +14,7 @@ import grpc
 import httpx
 import pytest
 
-from guard.policy.loader import load_policy_file
+from guard.policy.loader import PolicyError, load_policy_file
 from guard.policy.store import PolicyStore
 from guard.upstream.adapters import Adapters, DeclaredAdapter, check_adapter_path, declared_adapters, vllm_lora_args
 from guard.upstream.client import UpstreamClient
@@ -35,6 +35,30 @@ def write_policy(directory: Path, name: str, adapter: str) -> Path:
     path = directory / f"{name}.yaml"
     path.write_text(f"name: {name}\nsampling: {{max_tokens: 4}}\nadapter: {adapter}\n")
     return path
+
+
+@pytest.mark.parametrize(
+    ("text", "outcome"),
+    [
+        ("adapter: support-v2", ("support-v2", None)),
+        ("adapter: {name: support-v2, path: adapters/v2}", ("support-v2", "adapters/v2")),
+        ("adapter: 5", "2: adapter: expected an adapter name, or a mapping with name and path (got 5)"),
+        ("adapter: {path: adapters/v2}", "2: adapter.name: missing required key 'name'"),
+        ("adapter: {name: v2, pth: x}", "2: adapter.pth: unknown key 'pth' (did you mean 'path'? allowed: name, path)"),
+        ("adapter: 'a=b'", "2: adapter: String should match pattern"),
+        ("model: base\nadapter: v2", "3: adapter: set model or adapter, not both"),
+    ],
+)
+def test_the_adapter_field_takes_a_name_or_a_declaration(tmp_path, text, outcome):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"name: p\n{text}\n")
+    if isinstance(outcome, tuple):
+        adapter = load_policy_file(policy).policy.adapter
+        assert (adapter.name, adapter.path) == outcome
+        return
+    with pytest.raises(PolicyError) as raised:
+        load_policy_file(policy)
+    assert str(raised.value).startswith(f"{policy}:{outcome}")
 
 
 def test_declared_adapters_are_what_the_managed_vllm_serves(tmp_path):
@@ -77,7 +101,7 @@ def test_a_declared_path_that_is_not_a_lora_adapter_is_rejected_at_its_line(tmp_
         (adapter / "adapter_config.json").write_text(json.dumps(config))
     policy = tmp_path / "x.yaml"
     policy.write_text("name: x\nadapter:\n  name: x\n  path: adapters/x\n")
-    with pytest.raises(Exception) as raised:
+    with pytest.raises(PolicyError) as raised:
         load_policy_file(policy, build=check_adapter_path)
     assert str(raised.value).startswith(f"{policy}:4: adapter.path: ") and reason in str(raised.value)
 
@@ -195,9 +219,13 @@ async def test_requests_under_an_adapter_policy_ask_vllm_for_the_adapter_on_both
             assert answer.text == "support-v2 says hi" and plain.text == "fault-model says hi"
             assert {p.name: p.model for p in listed.policies}["tuned"] == "support-v2"
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}", timeout=10) as http:
-                chat = await http.post("/v1/chat/completions", json={"model": "guard/tuned", "messages": [{"role": "user", "content": "hi"}]})
+                messages = [{"role": "user", "content": "hi"}]
+                chat = await http.post("/v1/chat/completions", json={"model": "guard/tuned", "messages": messages})
+                # The adapter's own name is no model guard serves: the default policy's base model would answer a
+                # client that meant the adapter. It names the policy instead.
+                by_adapter = await http.post("/v1/chat/completions", json={"model": "support-v2", "messages": messages})
                 models = (await http.get("/v1/models")).json()["data"]
-            assert chat.json()["choices"][0]["message"]["content"] == "support-v2 says hi"
+            assert chat.json()["choices"][0]["message"]["content"] == "support-v2 says hi" and by_adapter.status_code == 404
             assert {m["id"]: m["guard"]["upstream_model"] for m in models}["guard/tuned"] == "support-v2"
             assert upstream.models_asked == ["support-v2", "fault-model", "support-v2"]
         finally:
