@@ -175,7 +175,9 @@ class Adapters:
                 if name not in self._served.get(url, {}):
                     self._load_errors[(name, path)] = reason
                     log.error("%s", reason)
-        again = self._waiting & changed.keys()  # changed after the store read them: it would not read them again
+        # A waiting file edited between the last scan and the store's read was checked against a list read for its
+        # older text, and the store will not read it again by itself.
+        again = self._waiting & changed.keys()
         if self._snapshot() != before:
             again = set(self._waiting)
         self._waiting -= again
@@ -186,8 +188,9 @@ class Adapters:
         adapter = loaded.policy.adapter
         if adapter is None:
             return
+        path = check_adapter_path(loaded)  # a broken directory waits for an edit, not for vLLM
         try:
-            self._check_served(adapter.name, check_adapter_path(loaded))
+            self._check_served(adapter.name, path)
         except PolicyBuildError:
             self._waiting.add(loaded.source)
             raise

@@ -159,6 +159,19 @@ async def test_a_declared_adapter_is_loaded_into_vllm_before_its_policy_is_check
             await client.close()
 
 
+async def test_a_vllm_that_restarted_without_a_declared_adapter_gets_it_back(tmp_path):
+    write_adapter(tmp_path / "adapters" / "a")
+    with LoRAUpstream() as upstream:
+        write_policy(tmp_path, "tuned", "{name: a, path: adapters/a}")
+        store, _, client = await store_over(upstream, tmp_path, recheck_seconds=0.0)
+        try:
+            del upstream.adapters["a"]  # vLLM restarted: runtime-loaded adapters are gone
+            await store.reload()
+            assert len(upstream.loads) == 2 and "a" in upstream.adapters and store.get("tuned")
+        finally:
+            await client.close()
+
+
 async def test_a_failed_load_names_vllms_reason_and_is_not_retried_until_the_file_changes(tmp_path):
     with LoRAUpstream(runtime_loading=False) as upstream:
         write_adapter(tmp_path / "adapters" / "a")
