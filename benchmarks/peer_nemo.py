@@ -178,7 +178,8 @@ def ratios(rows: list[dict]) -> list[dict]:
             "p50": base["p50_ms"] / row["p50_ms"],
             "p95": base["p95_ms"] / row["p95_ms"],
             "p99": base["p99_ms"] / row["p99_ms"],
-            "cpu_per_request": base["cpu_ms_per_request"] / row["cpu_ms_per_request"],
+            # A short run can use less CPU than the clock's 10 ms tick shows: no ratio, rather than a division by zero.
+            "cpu_per_request": base["cpu_ms_per_request"] / row["cpu_ms_per_request"] if row["cpu_ms_per_request"] else None,
         })
     return out
 
@@ -189,7 +190,8 @@ def headlines(rows: list[dict]) -> list[dict]:
         c, s = r["concurrency"], r["subject"]
         out.append({"name": f"{s} throughput ÷ NeMo, c={c}", "value": r["throughput"], "unit": "×"})
         out.append({"name": f"NeMo p50 ÷ {s} p50, c={c}", "value": r["p50"], "unit": "×"})
-        out.append({"name": f"NeMo CPU per request ÷ {s}, c={c}", "value": r["cpu_per_request"], "unit": "×"})
+        if r["cpu_per_request"] is not None:
+            out.append({"name": f"NeMo CPU per request ÷ {s}, c={c}", "value": r["cpu_per_request"], "unit": "×"})
     return out
 
 
@@ -207,7 +209,7 @@ def table(rows: list[dict]) -> str:
         lines += ["", "guard relative to NeMo (> 1: guard better)", f"{'subject':11} {'c':>3} {'req/s ×':>8} {'p50 ×':>7} {'p95 ×':>7} {'p99 ×':>7} {'CPU/req ×':>9}"]
         for r in relative:
             lines.append(
-                f"{r['subject']:11} {r['concurrency']:3} {r['throughput']:8.1f} {r['p50']:7.1f} {r['p95']:7.1f} {r['p99']:7.1f} {r['cpu_per_request']:9.1f}"
+                f"{r['subject']:11} {r['concurrency']:3} {r['throughput']:8.1f} {r['p50']:7.1f} {r['p95']:7.1f} {r['p99']:7.1f} {'n/a' if r['cpu_per_request'] is None else format(r['cpu_per_request'], '.1f'):>9}"
             )
     return "\n".join(lines)
 
