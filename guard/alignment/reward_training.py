@@ -51,6 +51,17 @@ def _accuracy(margins: np.ndarray) -> float:
     return float((margins > 0).mean()) if len(margins) else float("nan")
 
 
+def _training_split(
+    pairs: list[PreferencePair], heldout_fraction: float, seed: int
+) -> tuple[list[PreferencePair], list[PreferencePair], list[PreferencePair]]:
+    """(deduplicated pairs, training pairs, held-out pairs); ValueError when nothing is left to train on."""
+    pairs = dedup(pairs)
+    train, held = split(pairs, heldout_fraction, seed)
+    if not train:
+        raise ValueError("no preference pairs left for training (all were duplicates or held out)")
+    return pairs, train, held
+
+
 def _mirrored(differences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Both orders, so the fit is symmetric and needs no intercept: P(chosen > rejected) = sigmoid(w . (f_c - f_r)).
     return np.concatenate([differences, -differences]), np.r_[np.ones(len(differences)), np.zeros(len(differences))]
@@ -95,10 +106,7 @@ def train_head(
     from guard.safety.embedder import model_path
 
     started = time.perf_counter()
-    pairs = dedup(pairs)
-    train, held = split(pairs, heldout_fraction, seed)
-    if not train:
-        raise ValueError("no preference pairs left for training (all were duplicates or held out)")
+    pairs, train, held = _training_split(pairs, heldout_fraction, seed)
     model = SentenceTransformer(model_path(encoder), device="cpu", local_files_only=True)
     texts = sorted({text for pair in pairs for text in (user_text(pair.prompt), pair.chosen, pair.rejected)})
     embedded = model.encode(texts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True).float()
@@ -154,10 +162,7 @@ def train_sequence_classifier(
     from guard.rerank.sources import chat_ids
 
     started = time.perf_counter()
-    pairs = dedup(pairs)
-    train, held = split(pairs, heldout_fraction, seed)
-    if not train:
-        raise ValueError("no preference pairs left for training (all were duplicates or held out)")
+    pairs, train, held = _training_split(pairs, heldout_fraction, seed)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token_id is None:
